@@ -1,0 +1,41 @@
+# lrbench — the two commands a fresh machine needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO   := outputs/demo
+
+.PHONY: install demo test test-fast reproduce-tables bench clean
+
+install: $(VENV)/.installed
+
+# torch is installed first and pinned (2.13.0: the CPU wheel here); everything else follows constraints.txt.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+# Really fine-tunes the offline MiniLM with three methods on the embedded task, then prints the comparison.
+demo: install
+	rm -rf $(DEMO)
+	LRBENCH_RESULTS_CSV=$(DEMO)/runs.csv LRBENCH_OUTPUT_DIR=$(DEMO) \
+	  $(BIN)/lrbench -m method=ft,lora,dora model=minilm-l6 task=toy/sentiment trainer.epochs=2 \
+	  optimizer.lr=5e-4 hydra/launcher=basic
+	$(BIN)/python -m lowrank_bench.tables $(DEMO)/runs.csv
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# Comparison tables of every run in results/runs.csv.
+reproduce-tables: install
+	$(BIN)/python -m lowrank_bench.tables results/runs.csv
+
+bench: install
+	$(BIN)/python benchmarks/adapter_overhead.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,21 @@
+"""Method registry: `method.name` in the config -> the class that implements it (one module per method)."""
+from __future__ import annotations
+
+import importlib
+
+from lowrank_bench.errors import LrbenchError, choices
+from lowrank_bench.methods.base import Method
+
+REGISTRY = {
+    "ft": "lowrank_bench.methods.ft:FullFineTuning",
+    "lora": "lowrank_bench.methods.lora:LoRA",
+    "dora": "lowrank_bench.methods.dora:DoRA",
+}
+
+
+def build(cfg) -> Method:
+    name = cfg.get("name")
+    if name not in REGISTRY:
+        raise LrbenchError(f"unknown method {name!r}; valid methods: {choices(REGISTRY)}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)(cfg)

@@ -1,0 +1,230 @@
+"""What a run leaves behind: the resolved config, metrics.jsonl, summary.json in its run directory, one row in
+`results/runs.csv` (appended under a file lock, so concurrent sweep jobs never interleave or lose rows), and
+optionally a wandb run. Nothing is written to the shared CSV unless the run finished.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import resource
+import subprocess
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+LEADING_COLUMNS = ["timestamp", "method", "model", "task", "seed", "rank", "trainable_params", "total_params",
+                   "trainable_pct", "metric"]
+
+
+# -- provenance -------------------------------------------------------------------------------------------------
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}{'-dirty' if dirty else ''}" if commit else "unknown"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "peft", "datasets", "hydra-core"):
+        try:
+            out[package.replace("-core", "")] = version(package)
+        except PackageNotFoundError:
+            out[package] = "absent"
+    return out
+
+
+class MemoryMonitor:
+    """Peak memory of one run: CUDA's allocator peak on a GPU; on the CPU, the process's resident set size sampled
+    every 20 ms from /proc (the kernel's own max-RSS counter never resets, so in a sweep it would repeat the
+    largest earlier run's figure)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.02):
+        self.device, self.interval, self.peak_bytes = device, interval, 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while True:
+            try:
+                with open("/proc/self/statm") as handle:
+                    self.peak_bytes = max(self.peak_bytes, int(handle.read().split()[1]) * page)
+            except OSError:  # not Linux: fall back to the process-lifetime maximum
+                self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            if self._stop.wait(self.interval):
+                return
+
+    def __exit__(self, *exc):
+        if self._thread:
+            self._stop.set()
+            self._thread.join()
+        elif self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.device.type == "cuda" else "cpu_rss_peak"
+
+    @property
+    def megabytes(self) -> float:
+        return round(self.peak_bytes / 2**20, 1)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+# -- the summary ------------------------------------------------------------------------------------------------
+def summarize(cfg, task, method, trainer, history, params: tuple[int, int], wall_seconds: float,
+              extra: dict | None = None) -> dict:
+    if not history.evals:
+        raise RuntimeError("the run finished without an evaluation")
+    best = max(history.evals, key=lambda r: r[task.metric])
+    last = history.evals[-1]
+    metric_names = [k for k in last if k not in ("step", "epoch") and not k.startswith("train_")]
+    trainable, total = params
+    steps = max(history.train_steps, 1)
+    summary = {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": method.name, "model": cfg.model.name, "task": task.name, "seed": cfg.seed,
+        "rank": method.rank if method.rank is not None else "",
+        "trainable_params": trainable, "total_params": total,
+        "trainable_pct": round(100.0 * trainable / total, 4), "metric": task.metric,
+        **{f"best_{k}": best[k] for k in metric_names}, "best_step": best["step"],
+        **{f"last_{k}": last[k] for k in metric_names}, "last_step": last["step"],
+        "train_steps": history.train_steps, "train_samples": history.samples,
+        "train_time_s": round(history.train_seconds, 3),
+        "time_per_step_ms": round(1000 * history.train_seconds / steps, 3),
+        "samples_per_s": round(history.samples / max(history.train_seconds, 1e-9), 2),
+        "wall_time_s": round(wall_seconds, 3),
+        "peak_mem_mb": trainer.memory.megabytes, "peak_mem_kind": trainer.memory.kind,
+        "device": device_name(trainer.device), "precision": trainer.precision,
+        "batch_size": cfg.trainer.batch_size, "lr": cfg.optimizer.lr,
+        **(extra or {}),
+        **versions(), "git_commit": git_commit(),
+    }
+    return summary
+
+
+# -- writing ----------------------------------------------------------------------------------------------------
+def write_run_files(cfg, run_dir: Path, summary: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, run_dir / "summary.json")
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one row under an exclusive lock. A row with a new column rewrites the file (atomically) with the
+    union of the columns; otherwise the row is one write() at the end of the file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=300):
+        header: list[str] = []
+        if path.is_file() and path.stat().st_size > 0:
+            with open(path, newline="") as handle:
+                header = next(csv.reader(handle), [])
+        new = [k for k in row if k not in header]
+        if header and not new:
+            with open(path, "a", newline="") as handle:
+                handle.write(render_rows(header, [row], with_header=False))
+            return
+        rows = []
+        if header:
+            with open(path, newline="") as handle:
+                rows = list(csv.DictReader(handle))
+        columns = order_columns(header + new)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(render_rows(columns, rows + [row], with_header=True))
+        os.replace(tmp, path)
+
+
+def order_columns(columns: list[str]) -> list[str]:
+    lead = [c for c in LEADING_COLUMNS if c in columns]
+    return lead + [c for c in columns if c not in lead]
+
+
+def render_rows(columns: list[str], rows: list[dict], with_header: bool) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", extrasaction="raise", lineterminator="\n")
+    if with_header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# -- loggers ----------------------------------------------------------------------------------------------------
+class WandbLogger:
+    """wandb behind `logger=wandb`; `logger.mode=offline` (the default) needs no network."""
+
+    def __init__(self, cfg, run_dir: Path):
+        import wandb
+
+        lc = cfg.logger
+        self.run = wandb.init(project=lc.project, entity=lc.get("entity"), mode=lc.mode, dir=str(run_dir),
+                              name=f"{cfg.method.name}-{cfg.task.name}-{cfg.model.name}-s{cfg.seed}",
+                              tags=list(lc.get("tags") or []), config=OmegaConf.to_container(cfg, resolve=True),
+                              reinit="finish_previous")
+
+    def __call__(self, record: dict, step: int) -> None:
+        self.run.log(record, step=step)
+
+    def finish(self, summary: dict | None) -> None:
+        if summary:
+            self.run.summary.update(summary)
+        self.run.finish(exit_code=0 if summary else 1)
+
+
+def make_logger(cfg, run_dir: Path):
+    return WandbLogger(cfg, run_dir) if cfg.logger.get("name") == "wandb" else None
+
+
+# -- display ----------------------------------------------------------------------------------------------------
+def print_summary(summary: dict, console: Console | None = None) -> None:
+    table = Table(title=f"{summary['method']} · {summary['model']} · {summary['task']} · seed {summary['seed']}")
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    shown = ["trainable_params", "trainable_pct", "best_step"]
+    shown += [k for k in summary if k.startswith(("best_", "last_")) and k not in ("best_step", "last_step")]
+    shown += ["train_steps", "time_per_step_ms", "samples_per_s", "wall_time_s", "peak_mem_mb", "device",
+              "git_commit"]
+    for key in shown:
+        value = summary.get(key)
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    (console or Console()).print(table)
+

@@ -1,0 +1,64 @@
+"""Comparison tables from result rows: mean ± std over seeds of every method × model × task.
+
+    python -m lowrank_bench.tables [results/runs.csv] [--metric best_accuracy]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lowrank_bench.results import read_rows
+
+
+def fmt(values: list[float], scale: float = 100.0) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {statistics.stdev(values) * scale:.2f}"
+
+
+def comparison(rows: list[dict], metrics: list[str] | None = None) -> Table:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["task"], row["model"], row["method"])].append(row)
+    if metrics is None:  # every best_* metric present, main metric first
+        seen = []
+        for row in rows:
+            for key, value in row.items():
+                if key.startswith("best_") and key != "best_step" and value != "" and key not in seen:
+                    seen.append(key)
+        metrics = seen
+    table = Table(title="lrbench comparison (metrics ×100, mean ± std over seeds)")
+    for col in ("task", "model", "method", "seeds", "trainable"):
+        table.add_column(col)
+    for metric in metrics:
+        table.add_column(metric.removeprefix("best_"), justify="right")
+    table.add_column("ms/step", justify="right")
+    for (task, model, method), members in sorted(groups.items()):
+        cells = [fmt([float(r[m]) for r in members if r.get(m) not in (None, "")]) for m in metrics]
+        step_ms = statistics.fmean(float(r["time_per_step_ms"]) for r in members)
+        table.add_row(task, model, method, str(len(members)), f"{int(members[0]['trainable_params']):,}", *cells,
+                      f"{step_ms:.1f}")
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("csv", nargs="?", default="results/runs.csv")
+    parser.add_argument("--metric", action="append", help="columns to show (default: every best_* metric)")
+    args = parser.parse_args(argv)
+    rows = read_rows(Path(args.csv))
+    if not rows:
+        raise SystemExit(f"no result rows in {args.csv}")
+    Console().print(comparison(rows, args.metric))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Task registry: `task.family` in the config -> the class that implements it (one module per task family)."""
+from __future__ import annotations
+
+import importlib
+
+from lowrank_bench.errors import LrbenchError, choices
+from lowrank_bench.tasks.base import Task
+
+REGISTRY = {
+    "glue": "lowrank_bench.tasks.glue:GlueTask",
+    "toy": "lowrank_bench.tasks.toy:ToySentiment",
+}
+
+
+def build(cfg) -> Task:
+    family = cfg.get("family")
+    if family not in REGISTRY:
+        raise LrbenchError(f"unknown task family {family!r}; valid: {choices(REGISTRY)}")
+    module, cls = REGISTRY[family].split(":")
+    return getattr(importlib.import_module(module), cls)(cfg)

@@ -1,0 +1,182 @@
+"""The task interface: splits tokenised once (and cached on disk), dynamic-padding collation, the head the model
+needs, the training loss and `evaluate(model, split) -> {metric: value}` with the official metric names.
+
+A classification task only has to say where its raw examples come from (`raw_split`) and which metrics it reports
+(`compute_metrics`); `ClassificationTask` does the rest. Token classification, generation, continual sequences
+and instruction tuning override `encode`, `loss` and `evaluate` on the same interface.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from lowrank_bench.errors import LrbenchError
+from lowrank_bench.models import Head
+
+Example = dict  # raw: {"text": str, "text_pair": str | None, "label": int | float}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LRBENCH_CACHE_DIR", Path.home() / ".cache" / "lowrank_bench"))
+
+
+def data_dir() -> Path | None:
+    value = os.environ.get("LRBENCH_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tokenizer_id(tokenizer) -> str:
+    return f"{type(tokenizer).__name__}:{tokenizer.name_or_path}:{len(tokenizer)}"
+
+
+def cached(key: str, build):
+    """Load `key` from the on-disk cache, or build it and store it atomically (safe under concurrent runs)."""
+    path = cache_dir() / "tokenized" / f"{key}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # a corrupt or foreign file: rebuild it
+            pass
+    value = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(value, tmp)
+    os.replace(tmp, path)
+    return value
+
+
+def pad_batch(features: list[dict], pad_id: int, label_pad: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence in the batch (dynamic padding)."""
+    longest = max(len(f["input_ids"]) for f in features)
+    batch: dict[str, torch.Tensor] = {}
+    for key in features[0]:
+        if key == "labels" and not isinstance(features[0][key], list):
+            dtype = torch.float32 if isinstance(features[0][key], float) else torch.long
+            batch[key] = torch.tensor([f[key] for f in features], dtype=dtype)
+            continue
+        fill = pad_id if key == "input_ids" else (label_pad if key == "labels" else 0)
+        batch[key] = torch.tensor([f[key] + [fill] * (longest - len(f[key])) for f in features], dtype=torch.long)
+    return batch
+
+
+class Task:
+    name = "task"
+    head = Head("sequence_classification")
+    metric = "accuracy"  # the metric that picks the best evaluation
+    train_split = "train"
+    eval_splits: tuple[str, ...] = ("validation",)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.splits: dict[str, list[dict]] = {}
+        self.pad_id = 0
+
+    # -- data ---------------------------------------------------------------------------------------------------
+    def raw_split(self, split: str) -> list[Example]:
+        raise NotImplementedError
+
+    def source_id(self) -> str:
+        """Where the raw data comes from, for the cache key (a path or a Hub name)."""
+        raise NotImplementedError
+
+    def encode(self, tokenizer, examples: list[Example], max_length: int) -> list[dict]:
+        raise NotImplementedError
+
+    def prepare(self, tokenizer, max_length: int) -> None:
+        """Tokenise every split once; later runs with the same data and tokenizer read the cache."""
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        for split in (self.train_split, *self.eval_splits):
+            key = fingerprint(self.name, split, self.source_id(), tokenizer_id(tokenizer), max_length, self.encoding_id())
+            encoded = cached(key, lambda: self.encode(tokenizer, self.raw_split(split), max_length))
+            self.splits[split] = self.subsample(encoded, split)
+
+    def encoding_id(self) -> str:
+        return type(self).__name__
+
+    def subsample(self, examples: list[dict], split: str) -> list[dict]:
+        limit = self.cfg.get("max_train_samples" if split == self.train_split else "max_eval_samples")
+        if not limit or limit >= len(examples):
+            return examples
+        order = list(range(len(examples)))
+        random.Random(0).shuffle(order)  # a fixed subset, the same for every method and seed
+        return [examples[i] for i in sorted(order[:limit])]
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        return pad_batch(features, self.pad_id, label_pad=-100)
+
+    # -- training and evaluation --------------------------------------------------------------------------------
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    def loader(self, split: str, batch_size: int, shuffle: bool = False, generator=None) -> DataLoader:
+        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
+                          generator=generator)
+
+    def evaluate(self, model, split: str, batch_size: int = 64, device="cpu", autocast=None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate_all(self, model, **kwargs) -> dict[str, float]:
+        """Metrics of every evaluation split; with several splits each name is prefixed (MNLI: matched_accuracy)."""
+        if len(self.eval_splits) == 1:
+            return self.evaluate(model, self.eval_splits[0], **kwargs)
+        out = {}
+        for split in self.eval_splits:
+            out.update({f"{split}_{k}": v for k, v in self.evaluate(model, split, **kwargs).items()})
+        return out
+
+
+class ClassificationTask(Task):
+    """Single sentences or sentence pairs -> one label (or one score, for regression)."""
+
+    def encode(self, tokenizer, examples: list[Example], max_length: int) -> list[dict]:
+        if not examples:
+            return []
+        pairs = examples[0].get("text_pair") is not None
+        enc = tokenizer(
+            [e["text"] for e in examples],
+            [e["text_pair"] for e in examples] if pairs else None,
+            truncation=True, max_length=max_length,
+        )
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+        return [dict({k: enc[k][i] for k in keys}, labels=e["label"]) for i, e in enumerate(examples)]
+
+    @torch.no_grad()
+    def predict(self, model, split: str, batch_size: int, device, autocast) -> tuple[list, list]:
+        was_training = model.training
+        model.eval()
+        preds, labels = [], []
+        for batch in self.loader(split, batch_size):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast():
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            preds += (logits.squeeze(-1) if self.head.regression else logits.argmax(-1)).tolist()
+            labels += batch["labels"].tolist()
+        model.train(was_training)
+        return preds, labels
+
+    def evaluate(self, model, split: str, batch_size: int = 64, device="cpu", autocast=None) -> dict[str, float]:
+        from contextlib import nullcontext
+
+        preds, labels = self.predict(model, split, batch_size, device, autocast or nullcontext)
+        return self.compute_metrics(preds, labels)
+
+    def compute_metrics(self, preds: list, labels: list) -> dict[str, float]:
+        from lowrank_bench import metrics
+
+        return {"accuracy": metrics.accuracy(preds, labels)}
+
+
+def check_label(value, valid, where: str):
+    if value not in valid:
+        raise LrbenchError(f"{where}: malformed label {value!r}; expected one of {sorted(valid)}")
+    return value

@@ -1,0 +1,92 @@
+"""`lrbench`: compose a run with Hydra, train, report.
+
+    lrbench method=bidora task=glue/mrpc model=minilm-l6 seed=0
+    lrbench -m method=ft,lora,dora seed=0,1 task=glue/sst2
+
+seed -> task (raw data, tokenised once and cached) -> model with the task's head -> method.apply (inject and
+group trainable parameters by role) -> Trainer, or BilevelTrainer when the method declares two levels ->
+summary.json in the run directory and one row in results/runs.csv.
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from lowrank_bench import methods, models, results, tasks
+from lowrank_bench.errors import LrbenchError
+from lowrank_bench.methods.base import save_adapter
+from lowrank_bench.trainer import Trainer, console
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def trainer_class(method):
+    if method.levels:
+        from lowrank_bench.bilevel import BilevelTrainer
+
+        return BilevelTrainer
+    return Trainer
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """One run end to end; returns its summary. Raises LrbenchError on bad input before anything is written."""
+    started = time.perf_counter()
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    task = tasks.build(cfg.task)
+    method = methods.build(cfg.method)
+    tokenizer = models.load_tokenizer(cfg.model)
+    task.prepare(tokenizer, cfg.task.get("max_length") or cfg.model.max_length)
+    torch.manual_seed(cfg.seed)  # the head's initialisation must not depend on what the data loading consumed
+    model = models.load_model(cfg.model, task.head, tokenizer.pad_token_id)
+    groups = method.apply(model, list(cfg.model.head_modules), list(cfg.model.targets))
+    params = models.count_parameters(model)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = results.make_logger(cfg, run_dir)
+    summary = None
+    try:
+        trainer = trainer_class(method)(cfg, model, task, method, groups, run_dir, logger)
+        history = trainer.fit()
+        if cfg.save_adapter:
+            save_adapter(model, run_dir / "adapter.safetensors")
+        summary = results.summarize(cfg, task, method, trainer, history, params, time.perf_counter() - started,
+                                    extra={**trainer.extra_summary(), "run_dir": str(run_dir)})
+        results.write_run_files(cfg, run_dir, summary)
+        results.append_row(Path(cfg.results_csv), summary)
+    finally:
+        if logger:
+            logger.finish(summary)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        summary = run(cfg, run_dir)
+    except LrbenchError as err:
+        console.print(f"[bold red]lrbench error:[/] {err}")
+        sys.exit(2)
+    results.print_summary(summary)
+    return summary.get(f"best_{summary['metric']}")
+
+
+if __name__ == "__main__":
+    main()
