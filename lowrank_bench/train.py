@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from rich.text import Text
 
 from lowrank_bench import methods, models, results, tasks
 from lowrank_bench.errors import LrbenchError
@@ -82,7 +83,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = run(cfg, run_dir)
     except LrbenchError as err:
-        console.print(f"[bold red]lrbench error:[/] {err}")
+        console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
         sys.exit(2)
     results.print_summary(summary)
     return summary.get(f"best_{summary['metric']}")

@@ -1,0 +1,123 @@
+"""GLUE: local TSV reading (real shared data when present), malformed input, metrics, MNLI's two dev sets."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from omegaconf import OmegaConf
+
+from lowrank_bench.errors import LrbenchError
+from lowrank_bench.tasks import build
+from lowrank_bench.tasks.glue import GLUE, GlueTask
+from tests.conftest import CONF, DATA, base_model, needs_data
+
+
+def glue_cfg(subset: str, **overrides):
+    return OmegaConf.merge(OmegaConf.load(CONF / "task" / "glue" / f"{subset}.yaml"), overrides)
+
+
+def test_every_glue_config_builds_its_task():
+    for subset in GLUE:
+        task = build(glue_cfg(subset, data_dir=None))
+        assert isinstance(task, GlueTask) and task.name == f"glue/{subset}"
+    assert build(glue_cfg("stsb")).head.regression
+    assert build(glue_cfg("mnli")).eval_splits == ("matched", "mismatched")
+    assert build(glue_cfg("mnli")).head.num_labels == 3
+
+
+@needs_data
+@pytest.mark.parametrize("subset,train,dev,dev_counts", [
+    ("mrpc", 3667, 408, {1: 279, 0: 129}),   # the shared copy has 3,667 train rows (3,668 is often quoted)
+    ("sst2", 67349, 872, {1: 444, 0: 428}),
+    ("cola", 8551, 1043, {1: 721, 0: 322}),
+])
+def test_reads_the_classic_glue_layout(subset, train, dev, dev_counts):
+    task = build(glue_cfg(subset, data_dir=str(DATA / "glue")))
+    rows = task.raw_split("train")
+    val = task.raw_split("validation")
+    assert (len(rows), len(val)) == (train, dev)
+    assert Counter(r["label"] for r in val) == dev_counts
+    if subset == "mrpc":
+        assert rows[0]["text"].startswith("Amrozi accused his brother")
+        assert rows[0]["text_pair"].startswith("Referring to him as only")
+
+
+def write_mrpc(folder, rows):
+    (folder / "MRPC").mkdir(parents=True, exist_ok=True)
+    header = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    for name in ("train.tsv", "dev.tsv"):
+        (folder / "MRPC" / name).write_text(header + "".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_malformed_label_names_the_file_and_line(tmp_path):
+    write_mrpc(tmp_path, [["1", "1", "2", "a b", "c d"], ["yes", "3", "4", "e f", "g h"]])
+    task = build(glue_cfg("mrpc", data_dir=str(tmp_path)))
+    with pytest.raises(LrbenchError, match=r"train.tsv:3: malformed label 'yes'; expected one of \['0', '1'\]"):
+        task.raw_split("train")
+
+
+def test_short_row_is_a_clear_error(tmp_path):
+    write_mrpc(tmp_path, [["1", "1", "2", "only one sentence"]])
+    with pytest.raises(LrbenchError, match=r"train.tsv:2: malformed row with 4 column\(s\), expected at least 5"):
+        build(glue_cfg("mrpc", data_dir=str(tmp_path))).raw_split("train")
+
+
+def test_missing_folder_and_file(tmp_path):
+    with pytest.raises(LrbenchError, match="expected the glue_data/ layout"):
+        build(glue_cfg("rte", data_dir=str(tmp_path)))
+    (tmp_path / "RTE").mkdir()
+    with pytest.raises(LrbenchError, match="missing data file .*RTE/train.tsv"):
+        build(glue_cfg("rte", data_dir=str(tmp_path))).raw_split("train")
+
+
+def test_hub_fallback_fails_fast_with_advice(monkeypatch, tmp_path):
+    monkeypatch.delenv("LRBENCH_DATA_DIR", raising=False)
+    task = build(glue_cfg("rte"))
+    assert task.folder is None
+    with pytest.raises(LrbenchError, match="task.data_dir"):
+        task.raw_split("train")
+
+
+def test_mnli_reports_matched_and_mismatched_separately(tmp_path):
+    folder = tmp_path / "MNLI"
+    folder.mkdir()
+    header = "index\tpromptID\tpairID\tgenre\tsentence1\tsentence2\tgold_label\n"
+    rows = {"train.tsv": ["0\t1\t1\tfic\tA man sleeps.\tA person rests.\tentailment"],
+            "dev_matched.tsv": ["0\t1\t1\tfic\tA man sleeps.\tNobody sleeps.\tcontradiction",
+                                "1\t1\t1\tfic\tA dog runs.\tAn animal moves.\tentailment"],
+            "dev_mismatched.tsv": ["0\t1\t1\ttel\tIt rains.\tIt might be cold.\tneutral"]}
+    for name, lines in rows.items():
+        (folder / name).write_text(header + "\n".join(lines) + "\n")
+    model, tok = base_model("tiny-roberta", num_labels=3)
+    task = build(glue_cfg("mnli", data_dir=str(tmp_path)))
+    assert [r["label"] for r in task.raw_split("matched")] == [2, 0]
+    task.prepare(tok, 32)
+    metrics = task.evaluate_all(model, batch_size=8)
+    assert set(metrics) == {"matched_accuracy", "mismatched_accuracy"}
+    assert metrics["matched_accuracy"] in (0.0, 0.5, 1.0) and metrics["mismatched_accuracy"] in (0.0, 1.0)
+
+
+@pytest.mark.parametrize("subset,preds,labels,expected", [
+    ("cola", [1, 0, 1, 1], [1, 0, 0, 1], {"matthews_correlation": 0.5773502691896258}),
+    ("mrpc", [1, 0, 1, 1], [1, 0, 0, 1], {"accuracy": 0.75, "f1": 0.8}),
+    ("stsb", [0.1, 0.4, 0.35, 0.8], [0.0, 1.0, 2.0, 3.0], {"pearson": 0.9133691346759315, "spearmanr": 0.8}),
+    ("rte", [1, 0, 1, 1], [1, 0, 0, 1], {"accuracy": 0.75}),
+])
+def test_official_metrics(subset, preds, labels, expected):
+    got = build(glue_cfg(subset)).compute_metrics(preds, labels)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-12)
+
+
+def test_tokenised_once_then_cached(tmp_path, monkeypatch):
+    write_mrpc(tmp_path, [["1", "1", "2", "a b", "c d"], ["0", "3", "4", "e f", "g h"]])
+    _, tok = base_model("tiny-roberta")
+    first = build(glue_cfg("mrpc", data_dir=str(tmp_path)))
+    first.prepare(tok, 32)
+    calls = []
+    second = build(glue_cfg("mrpc", data_dir=str(tmp_path)))
+    monkeypatch.setattr(second, "raw_split", lambda split: calls.append(split) or [])
+    second.prepare(tok, 32)
+    assert calls == [] and second.splits["train"] == first.splits["train"]
+    assert second.collate(second.splits["train"])["input_ids"].shape[0] == 2

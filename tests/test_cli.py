@@ -1,0 +1,141 @@
+"""The CLI: Hydra composition, end-to-end runs, sweeps that append exactly one row per run, clear errors."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lowrank_bench.errors import LrbenchError
+from lowrank_bench.results import read_rows
+from lowrank_bench.train import run
+from tests.conftest import CONF, compose_cfg, needs_data
+
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+GLUE = sorted(p.stem for p in (CONF / "task" / "glue").glob("*.yaml"))
+FAST = ["trainer.max_steps=3", "trainer.progress=false", "trainer.eval_batch_size=64"]
+
+
+def lrbench(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "lowrank_bench.train", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_every_config_group_option_composes():
+    for method in METHODS:
+        assert compose_cfg(f"method={method}").method.name in (method, f"peft/{method}")
+    for model in MODELS:
+        assert compose_cfg(f"model={model}").model.name == model
+    for subset in GLUE:
+        cfg = compose_cfg(f"task=glue/{subset}")
+        assert cfg.task.name == f"glue/{subset}" and cfg.task.subset == subset  # `# @package task` keeps the key
+
+
+def test_run_writes_summary_metrics_adapter_and_one_row(tmp_path):
+    cfg = compose_cfg("model=tiny-roberta", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.progress=false")
+    csv_path = Path(os.environ["LRBENCH_RESULTS_CSV"])
+    before = len(read_rows(csv_path))
+    summary = run(cfg, tmp_path)
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert (tmp_path / "adapter.safetensors").is_file() and (tmp_path / "config_resolved.yaml").is_file()
+    assert summary["best_accuracy"] == max(e["accuracy"] for e in evals)
+    assert summary["last_accuracy"] == evals[-1]["accuracy"]
+    # tiny-roberta, LoRA r=8 on query/value: 2 layers x 2 x 8 x (32 + 32) + classifier (32x32+32 + 32x2+2)
+    assert summary["trainable_params"] == 2 * 2 * 8 * 64 + (32 * 32 + 32 + 32 * 2 + 2)
+    rows = read_rows(csv_path)
+    assert len(rows) == before + 1 and rows[-1]["run_dir"] == str(tmp_path)
+    for column in ("method", "model", "task", "seed", "rank", "trainable_params", "total_params", "wall_time_s",
+                   "peak_mem_mb", "torch", "transformers", "git_commit"):
+        assert rows[-1][column] != "", column
+
+
+def test_same_seed_same_numbers(tmp_path):
+    cfg = compose_cfg("model=tiny-roberta", "method=dora", "trainer.max_steps=3", "trainer.progress=false",
+                      "save_adapter=false")
+    first, second = run(cfg, tmp_path / "a"), run(cfg, tmp_path / "b")
+    lines = [(tmp_path / d / "metrics.jsonl").read_text() for d in ("a", "b")]
+    assert lines[0] == lines[1] and first["best_accuracy"] == second["best_accuracy"]
+
+
+def test_bad_rank_raises_before_anything_is_written(tmp_path):
+    cfg = compose_cfg("model=tiny-roberta", "method.r=0")
+    csv_path = Path(os.environ["LRBENCH_RESULTS_CSV"])
+    before = len(read_rows(csv_path))
+    with pytest.raises(LrbenchError, match="rank r=0 is impossible"):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists() and len(read_rows(csv_path)) == before
+
+
+def test_sweep_appends_exactly_three_rows(tmp_path):
+    csv_path = tmp_path / "sweep.csv"
+    result = lrbench("-m", "method=ft,lora,dora", "model=tiny-roberta", "task=toy/sentiment", *FAST,
+                     env={"LRBENCH_RESULTS_CSV": str(csv_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["method"] for r in rows] == ["ft", "lora", "dora"]
+    assert {r["model"] for r in rows} == {"tiny-roberta"} and {r["task"] for r in rows} == {"toy/sentiment"}
+    assert int(rows[0]["trainable_params"]) == int(rows[0]["total_params"])  # ft trains everything
+    assert int(rows[1]["trainable_params"]) < int(rows[2]["trainable_params"])  # dora adds magnitudes
+    assert all(0.0 <= float(r["best_accuracy"]) <= 1.0 for r in rows)
+
+
+@needs_data
+def test_glue_sweep_on_real_data(tmp_path):
+    csv_path = tmp_path / "glue.csv"
+    result = lrbench("-m", "method=ft,lora,dora", "model=tiny-roberta", "task=glue/sst2",
+                     "task.max_train_samples=96", "task.max_eval_samples=64", *FAST,
+                     env={"LRBENCH_RESULTS_CSV": str(csv_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_rows(csv_path)
+    assert len(rows) == 3 and {r["task"] for r in rows} == {"glue/sst2"}
+    assert all(r["best_accuracy"] and r["train_samples"] == "96" for r in rows)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["method=nope"], "Could not find 'method/nope'"),
+    (["task=glue/nope"], "Could not find 'task/glue/nope'"),
+    (["model=nope"], "Could not find 'model/nope'"),
+    (["model=tiny-roberta", "method.r=100"], "rank r=100 is impossible for layer"),
+    (["model=tiny-roberta", "task=glue/rte", "task.data_dir=/nonexistent"], "expected the glue_data/ layout"),
+])
+def test_bad_input_exits_non_zero_without_a_row(tmp_path, args, message):
+    csv_path = tmp_path / "bad.csv"
+    result = lrbench(*args, *FAST, env={"LRBENCH_RESULTS_CSV": str(csv_path)})
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert not csv_path.exists()
+
+
+def test_unknown_method_lists_the_valid_ones():
+    result = lrbench("method=nope", *FAST)
+    assert "Available options in 'method'" in result.stderr and "lora" in result.stderr
+
+
+def test_unreachable_hub_model_fails_fast_with_advice(tmp_path):
+    start = time.perf_counter()
+    result = lrbench("model=roberta-base", *FAST, env={"LRBENCH_RESULTS_CSV": str(tmp_path / "x.csv")})
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 2
+    assert "FacebookAI/roberta-base' is not in the local Hugging Face cache" in result.stderr
+    assert "model.path=/path/to/folder" in result.stderr
+    assert elapsed < 10, elapsed
+
+
+@pytest.mark.slow
+def test_wandb_offline_logs_config_metrics_and_summary(tmp_path):
+    result = lrbench("logger=wandb", "model=tiny-roberta", *FAST, env={"LRBENCH_OUTPUT_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    logs = list(tmp_path.rglob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1, "no offline wandb run was written"
+    content = logs[0].read_bytes()  # protobuf records keep their keys as plain strings
+    for key in (b"max_grad_norm", b"train_loss", b"best_accuracy", b"trainable_params"):
+        assert key in content, key

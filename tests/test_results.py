@@ -1,0 +1,45 @@
+"""The shared results CSV: concurrent appends never interleave or lose rows; new columns widen the header."""
+from __future__ import annotations
+
+import csv
+import multiprocessing as mp
+
+from lowrank_bench.results import append_row, read_rows
+
+
+def writer(path, worker: int, count: int) -> None:
+    for i in range(count):
+        row = {"method": f"m{worker}", "seed": i, "note": "x" * 500, "best_accuracy": worker + i / 1000}
+        if i % 10 == 3:  # now and then a row with a column nobody has written yet
+            row[f"extra_{worker}_{i}"] = i
+        append_row(path, row)
+
+
+def test_concurrent_appends_keep_every_row_intact(tmp_path):
+    path = tmp_path / "runs.csv"
+    workers, count = 6, 25
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=writer, args=(path, w, count)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    rows = read_rows(path)
+    assert len(rows) == workers * count
+    assert sorted((r["method"], int(r["seed"])) for r in rows) == sorted(
+        (f"m{w}", i) for w in range(workers) for i in range(count))
+    assert all(r["note"] == "x" * 500 for r in rows)
+    with open(path, newline="") as handle:
+        header = next(csv.reader(handle))
+    assert sum(c.startswith("extra_") for c in header) == workers * 3  # i in {3, 13, 23}
+    assert header[:1] == ["method"]
+
+
+def test_new_column_keeps_old_rows(tmp_path):
+    path = tmp_path / "runs.csv"
+    append_row(path, {"method": "lora", "best_accuracy": 0.5})
+    append_row(path, {"method": "dora", "best_f1": 0.7})
+    rows = read_rows(path)
+    assert rows == [{"method": "lora", "best_accuracy": "0.5", "best_f1": ""},
+                    {"method": "dora", "best_accuracy": "", "best_f1": "0.7"}]
