@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -24,7 +25,8 @@ from rich.text import Text
 
 from lowrank_bench import methods, models, results, tasks
 from lowrank_bench.errors import LrbenchError
-from lowrank_bench.methods.base import save_adapter
+from lowrank_bench.methods.base import Method, save_adapter
+from lowrank_bench.tasks.base import Task
 from lowrank_bench.trainer import Trainer, console
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -47,27 +49,41 @@ def trainer_class(method):
     return Trainer
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """One run end to end; returns its summary. Raises LrbenchError on bad input before anything is written."""
-    started = time.perf_counter()
+@dataclass
+class Setup:
+    task: Task
+    method: Method
+    model: torch.nn.Module
+    groups: dict[str, list[torch.nn.Parameter]]
+    params: tuple[int, int]
+
+
+def prepare(cfg: DictConfig) -> Setup:
+    """Everything before training: data tokenised, model built with the task's head, method applied."""
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     task = tasks.build(cfg.task)
     method = methods.build(cfg.method)
     tokenizer = models.load_tokenizer(cfg.model)
     task.prepare(tokenizer, cfg.task.get("max_length") or cfg.model.max_length)
-    torch.manual_seed(cfg.seed)  # the head's initialisation must not depend on what the data loading consumed
+    torch.manual_seed(cfg.seed)  # the head's and adapters' initialisation must not depend on the data loading
     model = models.load_model(cfg.model, task.head, tokenizer.pad_token_id)
     groups = method.apply(model, list(cfg.model.head_modules), list(cfg.model.targets))
-    params = models.count_parameters(model)
+    return Setup(task, method, model, groups, models.count_parameters(model))
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """One run end to end; returns its summary. Raises LrbenchError on bad input before anything is written."""
+    started = time.perf_counter()
+    s = prepare(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = results.make_logger(cfg, run_dir)
     summary = None
     try:
-        trainer = trainer_class(method)(cfg, model, task, method, groups, run_dir, logger)
+        trainer = trainer_class(s.method)(cfg, s.model, s.task, s.method, s.groups, run_dir, logger)
         history = trainer.fit()
         if cfg.save_adapter:
-            save_adapter(model, run_dir / "adapter.safetensors")
-        summary = results.summarize(cfg, task, method, trainer, history, params, time.perf_counter() - started,
+            save_adapter(s.model, run_dir / "adapter.safetensors")
+        summary = results.summarize(cfg, s.task, s.method, trainer, history, s.params, time.perf_counter() - started,
                                     extra={**trainer.extra_summary(), "run_dir": str(run_dir)})
         results.write_run_files(cfg, run_dir, summary)
         results.append_row(Path(cfg.results_csv), summary)

@@ -170,7 +170,8 @@ class Trainer:
         tc = self.cfg.trainer
         metrics = self.task.evaluate_all(self.model, batch_size=tc.eval_batch_size, device=self.device,
                                          autocast=self.autocast)
-        record = {"step": step, "epoch": self.epoch, **{f"train_{k}": v for k, v in logs.items()}, **metrics}
+        record = {"step": step, "epoch": self.epoch, **self.record_extras(), **{f"train_{k}": v for k, v in logs.items()},
+                  **metrics}
         self.history.evals.append(record)
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -219,8 +220,12 @@ class Trainer:
                         console=console, disable=not self.cfg.trainer.progress)
 
     def format_eval(self, record: dict) -> str:
-        shown = {k: v for k, v in record.items() if k not in ("epoch",)}
+        shown = {k: v for k, v in record.items() if k != "epoch"}
         return "eval " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+
+    def record_extras(self) -> dict:
+        """Fields added to every evaluation record (the bi-level trainer adds its phase)."""
+        return {}
 
     def extra_summary(self) -> dict:
         """Method-specific columns for the result row (the bi-level trainer adds split sizes and modes)."""

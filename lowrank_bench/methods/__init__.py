@@ -10,6 +10,8 @@ REGISTRY = {
     "ft": "lowrank_bench.methods.ft:FullFineTuning",
     "lora": "lowrank_bench.methods.lora:LoRA",
     "dora": "lowrank_bench.methods.dora:DoRA",
+    "bidora": "lowrank_bench.methods.bidora:BiDoRA",
+    "bilora": "lowrank_bench.methods.bilora:BiLoRA",
 }
 
 

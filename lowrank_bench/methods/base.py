@@ -168,6 +168,10 @@ class Method:
         """An extra loss term added to the (lower-level) training loss; None when the method has none."""
         return None
 
+    def upper_regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        """An extra term of a bi-level method's upper-level loss; None when there is none."""
+        return None
+
     def merge(self, model: nn.Module) -> None:
         for layer in adapted_layers(model).values():
             layer.merge()

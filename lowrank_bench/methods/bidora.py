@@ -1,0 +1,118 @@
+"""BiDoRA (Qin, Zhang, Xie; arXiv 2410.09758): DoRA's magnitude and direction trained at two levels.
+
+    W' = m * (W0 + s B A) / ||W0 + s B A||_row,         s = alpha / r
+    lower level (80% of train):  direction V = (A, B) and the task head, + lambda * mean_k ||D_k D_k^T - I||_F
+    upper level (20% of train):  magnitudes m, by the hypergradient of bilevel.py (default `darts`)
+
+D_k is layer k's normalised direction (unit rows, so D D^T is their Gram matrix); the regulariser pushes the
+directions of each adapted matrix towards orthogonality (weight 1e-5, Frobenius norm not squared, mean over
+layers: the official code's `compute_direction_regularization`). An optional retraining phase re-trains direction
+and head on the full training set from their pre-search state with the learned magnitudes frozen.
+
+`orientation: standard` (default) is DoRA's: one magnitude per output row, W' = W0 at initialisation.
+`orientation: official` reproduces the official code (t2ance/BiDoRA, digest B1): magnitudes per *column*
+(||W0 + BA||_dim0), no alpha/r scaling, A ~ N(0, 1), and the layer computes x @ W' (that is, with W'^T in place of
+W'). At initialisation it therefore computes x W0 rather than W0 x, so the adapted network does not reproduce the
+pre-trained one; it only runs for square weights (RoBERTa's query/value). Use it to compare with published
+numbers, not as the method. The official code also back-propagates through the norm: `detach_norm: false`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowrank_bench.errors import LrbenchError
+from lowrank_bench.methods.base import AdaptedLayer, adapted_layers
+from lowrank_bench.methods.dora import DoRA, DoRALayer
+
+ORIENTATIONS = ("standard", "official")
+
+
+class BiDoRALayer(DoRALayer):
+    def direction(self) -> torch.Tensor:
+        """D = (W0 + s B A) / ||.||_row: unit rows."""
+        v = self.weight + self.delta_weight()
+        return v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        d = self.direction()
+        eye = torch.eye(d.shape[0], device=d.device, dtype=d.dtype)
+        return torch.linalg.matrix_norm(d @ d.T - eye)
+
+
+class OfficialBiDoRALayer(AdaptedLayer):
+    """The official code's layer (see the module docstring): y = x @ W'(m) + b with column-normalised W'."""
+
+    roles = {"lora_A": "adapter", "lora_B": "adapter", "magnitude": "magnitude"}
+
+    def __init__(self, base: nn.Module, r: int, name: str = "", detach_norm: bool = False):
+        super().__init__(base)
+        self.check_rank(r, name)
+        if self.in_features != self.out_features:
+            raise LrbenchError(f"method.orientation=official needs square weights; '{name}' is "
+                               f"{self.out_features}x{self.in_features} (use orientation=standard)")
+        w = self.weight
+        self.detach_norm = detach_norm
+        self.lora_A = nn.Parameter(torch.randn(r, self.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
+        self.magnitude = nn.Parameter(torch.linalg.vector_norm(w.detach(), dim=0).clone())
+        self._original = None
+
+    def direction(self) -> torch.Tensor:
+        v = self.weight + self.lora_B @ self.lora_A  # no alpha/r: the official code computes but never uses it
+        norm = torch.linalg.vector_norm(v, dim=0, keepdim=True)
+        return v / (norm.detach() if self.detach_norm else norm)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The (out, in) matrix the official layer applies: (m * D)^T."""
+        return (self.direction() * self.magnitude).T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        return nn.functional.linear(x, self.effective_weight(), self.base.bias)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.effective_weight() - self.weight
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self._original = self.weight.clone()
+            self.weight.copy_(self.effective_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.copy_(self._original)
+            self.merged = False
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        d = self.direction()
+        eye = torch.eye(d.shape[1], device=d.device, dtype=d.dtype)
+        return torch.linalg.matrix_norm(d.T @ d - eye)
+
+
+class BiDoRA(DoRA):
+    name = "bidora"
+    levels = {"lower": ("adapter", "head"), "upper": ("magnitude",)}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.get("orientation", "standard") not in ORIENTATIONS:
+            raise LrbenchError(f"method.orientation={cfg.orientation!r}; valid: {', '.join(ORIENTATIONS)}")
+
+    def make_layer(self, name: str, base: nn.Module) -> AdaptedLayer:
+        c = self.cfg
+        if c.get("orientation", "standard") == "official":
+            return OfficialBiDoRALayer(base, c.r, name, detach_norm=c.detach_norm)
+        return BiDoRALayer(base, c.r, c.alpha, c.get("dropout", 0.0), c.get("rslora", False), name,
+                           detach_norm=c.detach_norm)
+
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        weight = self.cfg.get("direction_reg", 0.0)
+        if not weight:
+            return None
+        penalties = [layer.orthogonality_penalty() for layer in adapted_layers(model).values()]
+        return weight * torch.stack(penalties).mean()

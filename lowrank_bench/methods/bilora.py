@@ -1,0 +1,83 @@
+"""BiLoRA (Qiang, Zhang, Xie; arXiv 2403.13037): a pseudo-SVD update trained at two levels.
+
+    Delta W = s * P diag(lambda) Q,     P: out x r,  Q: r x in,  lambda = f(theta) in R^r,  s = alpha / r
+    lower level (D_lower):  P, Q and the task head, + gamma1 * mean_k (||P^T P - I||_F^2 + ||Q Q^T - I||_F^2)
+    upper level (D_upper):  theta (the pseudo singular values), + gamma2 * R2(lambda)
+
+The parameterisation of lambda (`lambda_param`, the paper's Table 5 ablation):
+- `softmax` (default): lambda = softmax(theta) over the r values of each matrix, theta = 0 at start (uniform 1/r);
+- `real`: lambda = theta, starting at 1;
+- `binary`: lambda = sigmoid(theta), starting at 0.5, with R2 = mean lambda (1 - lambda) pushing it to {0, 1}.
+AdaLoRA's form without its rank allocator (no pruning). Initialisation is not given by the paper: we start P at
+zero and Q Kaiming-uniform (as LoRA's B and A), so Delta W = 0 at initialisation for every parameterisation.
+There is no official code; the hypergradient follows BiDoRA's (Betty `darts`), see bilevel.py.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lowrank_bench.errors import LrbenchError
+from lowrank_bench.methods.base import AdaptedLayer, Method, adapted_layers
+
+PARAMETERISATIONS = ("softmax", "real", "binary")
+
+
+class BiLoRALayer(AdaptedLayer):
+    roles = {"P": "adapter", "Q": "adapter", "theta": "singular_values"}
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, lambda_param: str = "softmax", name: str = ""):
+        super().__init__(base)
+        self.check_rank(r, name)
+        self.r, self.scaling, self.lambda_param = r, alpha / r, lambda_param
+        w = base.weight
+        self.P = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
+        self.Q = nn.Parameter(torch.empty(r, self.in_features, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.Q, a=math.sqrt(5))
+        start = 1.0 if lambda_param == "real" else 0.0
+        self.theta = nn.Parameter(torch.full((r,), start, dtype=w.dtype, device=w.device))
+
+    def singular_values(self) -> torch.Tensor:
+        if self.lambda_param == "softmax":
+            return torch.softmax(self.theta, dim=0)
+        if self.lambda_param == "binary":
+            return torch.sigmoid(self.theta)
+        return self.theta
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x @ self.Q.T) * self.singular_values()) @ self.P.T * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.P * self.singular_values()) @ self.Q * self.scaling
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        eye = torch.eye(self.r, device=self.P.device, dtype=self.P.dtype)
+        return ((self.P.T @ self.P - eye) ** 2).sum() + ((self.Q @ self.Q.T - eye) ** 2).sum()
+
+
+class BiLoRA(Method):
+    name = "bilora"
+    levels = {"lower": ("adapter", "head"), "upper": ("singular_values",)}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.lambda_param not in PARAMETERISATIONS:
+            raise LrbenchError(f"method.lambda_param={cfg.lambda_param!r}; valid: {', '.join(PARAMETERISATIONS)}")
+
+    def make_layer(self, name: str, base: nn.Module) -> BiLoRALayer:
+        return BiLoRALayer(base, self.cfg.r, self.cfg.alpha, self.cfg.lambda_param, name)
+
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        gamma1 = self.cfg.get("orth_reg", 0.0)
+        if not gamma1:
+            return None
+        return gamma1 * torch.stack([l.orthogonality_penalty() for l in adapted_layers(model).values()]).mean()
+
+    def upper_regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        gamma2 = self.cfg.get("binary_reg", 0.0)
+        if self.cfg.lambda_param != "binary" or not gamma2:
+            return None
+        lam = torch.cat([l.singular_values() for l in adapted_layers(model).values()])
+        return gamma2 * (lam * (1 - lam)).mean()

@@ -1,0 +1,76 @@
+"""BiLoRA: identity at init, merge/unmerge, counts, the Lambda parameterisations and both regularisers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowrank_bench.methods.base import adapted_layers, load_adapter, save_adapter
+from lowrank_bench.models import count_parameters
+from tests.conftest import ROBERTA_BASE, base_model, batch_for, meta_model
+from tests.methods.test_lora import adapt, randomize
+
+
+@pytest.mark.parametrize("param", ["softmax", "real", "binary"])
+def test_identity_at_init(param):
+    base, tok = base_model("minilm-l6")
+    model, _ = base_model("minilm-l6")
+    adapt(model, name="bilora", lambda_param=param)
+    batch = batch_for(tok)
+    with torch.no_grad():
+        assert (model(**batch).logits - base(**batch).logits).abs().max().item() < 1e-5
+
+
+def test_parameter_counts_roberta_base():
+    """r=4 on query,value: P, Q = 24 x 4 x (768 + 768) = 147,456; Lambda = 24 x 4 = 96."""
+    model = meta_model("roberta", **ROBERTA_BASE)
+    _, groups = adapt(model, name="bilora", heads=(), r=4)
+    assert sum(p.numel() for p in groups["adapter"]) == 147_456
+    assert sum(p.numel() for p in groups["singular_values"]) == 96
+    assert count_parameters(model)[0] == 147_552
+
+
+@pytest.mark.parametrize("param", ["softmax", "real", "binary"])
+def test_merge_unmerge_and_save_load(tmp_path, param):
+    model, tok = base_model("tiny-roberta")
+    method, _ = adapt(model, name="bilora", lambda_param=param)
+    randomize(model)
+    batch = batch_for(tok)
+    with torch.no_grad():
+        before = model(**batch).logits
+        method.merge(model)
+        assert (model(**batch).logits - before).abs().max() < 1e-5
+        method.unmerge(model)
+        assert (model(**batch).logits - before).abs().max() < 1e-5
+    save_adapter(model, tmp_path / "a.safetensors")
+    fresh, _ = base_model("tiny-roberta")
+    adapt(fresh, name="bilora", lambda_param=param)
+    load_adapter(fresh, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, before)
+
+
+def test_delta_is_p_lambda_q():
+    model, _ = base_model("tiny-roberta")
+    adapt(model, name="bilora", lambda_param="softmax", r=4, alpha=8)
+    randomize(model)
+    layer = next(iter(adapted_layers(model).values()))
+    lam = torch.softmax(layer.theta, 0)
+    assert torch.allclose(lam.sum(), torch.tensor(1.0))
+    expected = layer.P @ torch.diag(lam) @ layer.Q * (8 / 4)
+    assert torch.allclose(layer.delta_weight(), expected, atol=1e-6)
+    x = torch.randn(5, layer.in_features)
+    assert torch.allclose(layer.delta(x), x @ expected.T, atol=1e-5)
+
+
+def test_regularisers():
+    model, _ = base_model("tiny-roberta")
+    method, _ = adapt(model, name="bilora", lambda_param="binary", orth_reg=0.5, binary_reg=0.2, r=4)
+    randomize(model)
+    layers = list(adapted_layers(model).values())
+    eye = torch.eye(4)
+    orth = torch.stack([((l.P.T @ l.P - eye) ** 2).sum() + ((l.Q @ l.Q.T - eye) ** 2).sum() for l in layers]).mean()
+    assert torch.allclose(method.regularizer(model), 0.5 * orth)
+    lam = torch.cat([torch.sigmoid(l.theta) for l in layers])
+    assert torch.allclose(method.upper_regularizer(model), 0.2 * (lam * (1 - lam)).mean())
+    softmax_method, _ = adapt(base_model("tiny-roberta")[0], name="bilora", lambda_param="softmax")
+    assert softmax_method.upper_regularizer(model) is None
