@@ -174,6 +174,15 @@ def load_model(cfg: DictConfig, head: Head, pad_token_id: int | None = None) -> 
     return model
 
 
+def target_sets(cfg: DictConfig) -> dict[str, list[str] | None]:
+    """The model's named sets of adaptable modules: `default` (model.targets) and e.g. `qkv` (model.targets_qkv)."""
+    sets = {"default": list(cfg.targets)}
+    for key in cfg:
+        if str(key).startswith("targets_") and cfg[key] is not None:
+            sets[str(key).removeprefix("targets_")] = list(cfg[key])
+    return sets
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) over unique parameters."""
     seen, trainable, total = set(), 0, 0

@@ -67,8 +67,8 @@ def prepare(cfg: DictConfig) -> Setup:
     task.prepare(tokenizer, cfg.task.get("max_length") or cfg.model.max_length)
     torch.manual_seed(cfg.seed)  # the head's and adapters' initialisation must not depend on the data loading
     model = models.load_model(cfg.model, task.head, tokenizer.pad_token_id)
-    groups = method.apply(model, list(cfg.model.head_modules), list(cfg.model.targets))
-    return Setup(task, method, model, groups, models.count_parameters(model))
+    groups = method.apply(model, list(cfg.model.head_modules), models.target_sets(cfg.model))
+    return Setup(task, method, method.wrap(model), groups, models.count_parameters(model))
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:

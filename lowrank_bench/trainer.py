@@ -102,7 +102,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
         self.model.to(self.device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.optimizer_steps = 0
         self.setup()
+        self.method.on_train_start(self.total_steps)
 
     # -- set-up; BilevelTrainer overrides this ------------------------------------------------------------------
     def setup(self) -> None:
@@ -153,6 +155,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.max_grad_norm)
         self.scaler.step(optimizer)
         self.scaler.update()
+        self.optimizer_steps += 1
+        self.method.after_optimizer_step(self.optimizer_steps)
         optimizer.zero_grad(set_to_none=True)
 
     def train_step(self) -> dict[str, torch.Tensor]:

@@ -12,11 +12,17 @@ REGISTRY = {
     "dora": "lowrank_bench.methods.dora:DoRA",
     "bidora": "lowrank_bench.methods.bidora:BiDoRA",
     "bilora": "lowrank_bench.methods.bilora:BiLoRA",
+    "lotr": "lowrank_bench.methods.lotr:LoTR",
+    "cola": "lowrank_bench.methods.cola:CoLA",
+    "curlora": "lowrank_bench.methods.curlora:CURLoRA",
+    "peft/*": "lowrank_bench.methods.peft_baseline:PeftBaseline",  # any PEFT tuner: conf/method/peft/<name>.yaml
 }
 
 
 def build(cfg) -> Method:
     name = cfg.get("name")
+    if isinstance(name, str) and name.startswith("peft/"):
+        name = "peft/*"
     if name not in REGISTRY:
         raise LrbenchError(f"unknown method {name!r}; valid methods: {choices(REGISTRY)}")
     module, cls = REGISTRY[name].split(":")

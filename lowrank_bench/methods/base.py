@@ -132,7 +132,7 @@ class Method:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.targets = list(cfg.get("targets") or [])
+        self.targets: list[str] = []
 
     @property
     def rank(self):
@@ -141,9 +141,26 @@ class Method:
     def make_layer(self, name: str, base: nn.Module) -> AdaptedLayer:
         raise NotImplementedError
 
-    def apply(self, model: nn.Module, heads: list[str], default_targets: list[str]) -> dict[str, list[nn.Parameter]]:
+    def resolve_targets(self, target_sets: dict[str, list[str]]) -> list[str]:
+        """`method.targets`: null (the model's default set), the name of one of the model's sets (e.g. `qkv`),
+        or an explicit list of module names (suffixes, or `re:<regex>`)."""
+        targets = self.cfg.get("targets")
+        if targets is None:
+            return list(target_sets["default"])
+        if isinstance(targets, str):
+            if targets not in target_sets or target_sets[targets] is None:
+                raise LrbenchError(f"method.targets={targets!r}: this model's target sets are "
+                                   f"{', '.join(k for k, v in target_sets.items() if v)}; or give a list of names")
+            return list(target_sets[targets])
+        return list(targets)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module the trainer calls (PEFT baselines return their PeftModel); by default the model itself."""
+        return model
+
+    def apply(self, model: nn.Module, heads: list[str], target_sets: dict[str, list[str]]) -> dict[str, list[nn.Parameter]]:
         """Freeze, inject, unfreeze the head; return trainable parameters grouped by role."""
-        self.targets = self.targets or list(default_targets)
+        self.targets = self.resolve_targets(target_sets)
         model.requires_grad_(False)
         inject(model, self.targets, self.make_layer)
         return self.unfreeze_groups(model, heads)
@@ -167,6 +184,12 @@ class Method:
     def regularizer(self, model: nn.Module) -> torch.Tensor | None:
         """An extra loss term added to the (lower-level) training loss; None when the method has none."""
         return None
+
+    def on_train_start(self, total_steps: int) -> None:
+        """Called once the trainer knows the number of optimiser steps."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after each optimiser step, while the gradients are still there."""
 
     def upper_regularizer(self, model: nn.Module) -> torch.Tensor | None:
         """An extra term of a bi-level method's upper-level loss; None when there is none."""

@@ -9,7 +9,7 @@ from lowrank_bench.methods.base import Method, is_head
 class FullFineTuning(Method):
     name = "ft"
 
-    def apply(self, model: nn.Module, heads: list[str], default_targets: list[str]) -> dict[str, list[nn.Parameter]]:
+    def apply(self, model: nn.Module, heads: list[str], target_sets: dict) -> dict[str, list[nn.Parameter]]:
         groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": []}
         for name, param in model.named_parameters():
             param.requires_grad_(True)

@@ -16,7 +16,7 @@ from tests.conftest import ROBERTA_BASE, base_model, batch_for, meta_model, meth
 
 def adapt(model, name="lora", targets=("query", "value"), heads=("classifier",), **options):
     method = build(method_cfg(name, **options))
-    groups = method.apply(model, list(heads), list(targets))
+    groups = method.apply(model, list(heads), {"default": list(targets), "qkv": ["query", "key", "value"]})
     return method, groups
 
 

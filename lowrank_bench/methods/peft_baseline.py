@@ -1,0 +1,90 @@
+"""Any PEFT tuner as a baseline: `method=peft/<name>` with a YAML whose `config` block becomes the PEFT config.
+
+    # conf/method/peft/vera.yaml
+    name: peft/vera
+    peft_type: VERA
+    config: {r: 256, vera_dropout: 0.0}
+
+`target_modules` defaults to the model's target set (`method.targets`, as for our own methods). The task head is
+trained and saved by the runner as for every other method (we do not use PEFT's `modules_to_save`), so trainable
+parameter counts are comparable across methods. The runner calls the PeftModel, so tuners that add a loss term in
+their forward (AdaLoRA's orthogonality regulariser) keep it, and AdaLoRA's rank allocator runs after each
+optimiser step, as PEFT's docs prescribe.
+"""
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from lowrank_bench.errors import LrbenchError, choices
+from lowrank_bench.methods.base import Method, is_head
+
+
+def peft_config(peft_type: str, options: dict):
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type.upper())
+    if config_cls is None:
+        raise LrbenchError(f"unknown PEFT type {peft_type!r}; valid: {choices(PEFT_TYPE_TO_CONFIG_MAPPING)}")
+    try:
+        return config_cls(**options)
+    except (TypeError, ValueError) as err:
+        raise LrbenchError(f"invalid options for PEFT {peft_type}: {err}") from err
+
+
+class PeftBaseline(Method):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.name = cfg.name
+        self.peft_type = str(cfg.peft_type).upper()
+        self.peft_model = None
+
+    @property
+    def rank(self):
+        return (self.cfg.get("config") or {}).get("r")
+
+    def apply(self, model: nn.Module, heads: list[str], target_sets: dict) -> dict[str, list[nn.Parameter]]:
+        from peft import get_peft_model
+
+        options = OmegaConf.to_container(self.cfg.get("config") or {}, resolve=True)
+        options.setdefault("target_modules", self.resolve_targets(target_sets))
+        if self.peft_type == "ADALORA":
+            options.setdefault("total_step", 1)  # replaced by the trainer's real step count in on_train_start
+        self.peft_model = get_peft_model(model, peft_config(self.peft_type, options))
+        groups: dict[str, list[nn.Parameter]] = {"adapter": [], "head": []}
+        for name, param in model.named_parameters():
+            if is_head(name, heads):
+                param.requires_grad_(True)
+                groups["head"].append(param)
+            elif param.requires_grad:
+                groups["adapter"].append(param)
+        if not groups["adapter"]:
+            raise LrbenchError(f"PEFT {self.peft_type} added no trainable parameters (targets {options['target_modules']})")
+        return groups
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return self.peft_model
+
+    def tuner(self):
+        return self.peft_model.base_model
+
+    def on_train_start(self, total_steps: int) -> None:
+        if self.peft_type == "ADALORA":
+            config = self.peft_model.peft_config["default"]
+            config.total_step = total_steps
+            if config.tinit + config.tfinal >= total_steps:  # AdaLoRA needs a budget schedule inside the run
+                config.tinit, config.tfinal = total_steps // 10, total_steps // 10
+
+    def after_optimizer_step(self, step: int) -> None:
+        if self.peft_type == "ADALORA":
+            self.tuner().update_and_allocate(step)
+
+    def merge(self, model: nn.Module) -> None:
+        self.peft_model.merge_adapter()
+
+    def unmerge(self, model: nn.Module) -> None:
+        self.peft_model.unmerge_adapter()
+
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        return None
