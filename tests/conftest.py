@@ -52,8 +52,10 @@ def model_cfg(name: str):
 
 
 def method_cfg(name: str, **overrides):
-    cfg = OmegaConf.load(CONF / "method" / f"{name}.yaml")
-    return OmegaConf.merge(cfg, overrides)
+    """A method's YAML under a root with `seed: 0`, so that interpolations such as `${seed}` resolve."""
+    root = OmegaConf.create({"seed": 0})
+    root.method = OmegaConf.merge(OmegaConf.load(CONF / "method" / f"{name}.yaml"), overrides)
+    return root.method
 
 
 _CACHE: dict = {}

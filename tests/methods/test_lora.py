@@ -14,9 +14,12 @@ from lowrank_bench.models import count_parameters
 from tests.conftest import ROBERTA_BASE, base_model, batch_for, meta_model, method_cfg
 
 
-def adapt(model, name="lora", targets=("query", "value"), heads=("classifier",), **options):
+def adapt(model, name="lora", targets=None, heads=("classifier",), **options):
+    """Apply a method from its YAML (plus overrides); `targets` overrides the YAML's choice of modules."""
+    if targets is not None:
+        options["targets"] = list(targets)
     method = build(method_cfg(name, **options))
-    groups = method.apply(model, list(heads), {"default": list(targets), "qkv": ["query", "key", "value"]})
+    groups = method.apply(model, list(heads), {"default": ["query", "value"], "qkv": ["query", "key", "value"]})
     return method, groups
 
 
