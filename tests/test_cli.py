@@ -17,6 +17,7 @@ from lowrank_bench.train import run
 from tests.conftest import CONF, compose_cfg, needs_data
 
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+METHODS += sorted(f"peft/{p.stem}" for p in (CONF / "method" / "peft").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 GLUE = sorted(p.stem for p in (CONF / "task" / "glue").glob("*.yaml"))
 FAST = ["trainer.max_steps=3", "trainer.progress=false", "trainer.eval_batch_size=64"]
@@ -29,7 +30,7 @@ def lrbench(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
 
 def test_every_config_group_option_composes():
     for method in METHODS:
-        assert compose_cfg(f"method={method}").method.name in (method, f"peft/{method}")
+        assert compose_cfg(f"method={method}").method.name == method  # peft/*: `# @package method`
     for model in MODELS:
         assert compose_cfg(f"model={model}").model.name == model
     for subset in GLUE:
@@ -86,6 +87,18 @@ def test_sweep_appends_exactly_three_rows(tmp_path):
     assert int(rows[0]["trainable_params"]) == int(rows[0]["total_params"])  # ft trains everything
     assert int(rows[1]["trainable_params"]) < int(rows[2]["trainable_params"])  # dora adds magnitudes
     assert all(0.0 <= float(r["best_accuracy"]) <= 1.0 for r in rows)
+
+
+def test_every_method_runs_end_to_end(tmp_path):
+    csv_path = tmp_path / "all.csv"
+    result = lrbench("-m", f"method={','.join(METHODS)}", "model=tiny-roberta", "task=toy/sentiment", *FAST,
+                     env={"LRBENCH_RESULTS_CSV": str(csv_path)}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_rows(csv_path)
+    assert [r["method"] for r in rows] == METHODS
+    assert all(r["best_accuracy"] != "" and int(r["trainable_params"]) > 0 for r in rows)
+    bilevel = [r for r in rows if r["method"] in ("bidora", "bilora")]
+    assert all(r["hypergradient"] == "darts" and r["lower_size"] == "640" for r in bilevel)
 
 
 @needs_data
