@@ -15,6 +15,7 @@ import importlib.util
 import os
 import socket
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,28 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     return bool(result and result[0])
 
 
+@contextmanager
+def hub_offline():
+    """Offline mode for huggingface_hub and datasets for the duration of a call (they read it at import time)."""
+    import huggingface_hub.constants as hub_constants
+
+    modules = [hub_constants]
+    try:
+        import datasets.config
+
+        modules.append(datasets.config)
+    except ImportError:
+        pass
+    previous = [m.HF_HUB_OFFLINE for m in modules]
+    for m in modules:
+        m.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, previous):
+            m.HF_HUB_OFFLINE = value
+
+
 def offline_message(what: str, name: str, override: str) -> str:
     return (
         f"{what} '{name}' is not in the local Hugging Face cache and the Hub ({hub_host()}) cannot be reached.\n"
@@ -68,20 +91,20 @@ def offline_message(what: str, name: str, override: str) -> str:
     )
 
 
-def resolve_hub(name: str, override: str, what: str = "Model") -> str:
-    """Return `name` if it can be loaded (cached, or Hub reachable); otherwise raise a helpful error fast."""
+def hub_access(name: str, override: str, what: str = "Model") -> dict:
+    """`from_pretrained` kwargs for a Hub name: none when the Hub answers; `local_files_only` when it does not but
+    the files are in the local HF cache (never the client's retries); otherwise a helpful error, fast."""
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(name, "config.json")
-    if isinstance(cached, str):
-        return name
-    if not hub_reachable():
-        raise LrbenchError(offline_message(what, name, override))
-    return name
+    if hub_reachable():
+        return {}
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return {"local_files_only": True}
+    raise LrbenchError(offline_message(what, name, override))
 
 
-def resolve_location(cfg: DictConfig, key: str = "model") -> str:
-    """Map a (source, id, path) block to the folder or Hub name that `from_pretrained` takes."""
+def resolve_location(cfg: DictConfig, key: str = "model") -> tuple[str, dict]:
+    """Map a (source, id, path) block to the folder or Hub name that `from_pretrained` takes, and its kwargs."""
     source, ident, path = cfg.get("source"), cfg.get("id"), cfg.get("path")
     if source not in SOURCES:
         raise LrbenchError(f"{key}.source={source!r} is not one of: {choices(SOURCES)}")
@@ -89,13 +112,13 @@ def resolve_location(cfg: DictConfig, key: str = "model") -> str:
         folder = Path(str(path)).expanduser()
         if not folder.is_dir():
             raise LrbenchError(f"{key}.path={path!s}: no such folder")
-        return str(folder)
+        return str(folder), {}
     if source == "path":
         raise LrbenchError(f"{key}: source=path needs {key}.path=/a/local/folder")
     if source == "hub":
-        return resolve_hub(str(ident), f"{key}.path")
+        return str(ident), hub_access(str(ident), f"{key}.path")
     if source == "package":
-        return package_folder(str(ident))
+        return package_folder(str(ident)), {}
     raise LrbenchError(f"{key}: source=config has no files to load from; give {key}.tokenizer a source")
 
 
@@ -113,8 +136,9 @@ def load_tokenizer(cfg: DictConfig):
     from transformers import AutoTokenizer
 
     own = not cfg.get("tokenizer")
-    location = resolve_location(cfg) if own else resolve_location(cfg.tokenizer, "model.tokenizer")
-    kwargs = {"gguf_file": cfg.gguf_file} if own and cfg.get("gguf_file") else {}
+    location, kwargs = resolve_location(cfg) if own else resolve_location(cfg.tokenizer, "model.tokenizer")
+    if own and cfg.get("gguf_file"):
+        kwargs["gguf_file"] = cfg.gguf_file
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -163,8 +187,9 @@ def load_model(cfg: DictConfig, head: Head, pad_token_id: int | None = None) -> 
         config = AutoConfig.for_model(model_type, **params, **head_kwargs(head))
         model = cls.from_config(config)
     else:
-        location = resolve_location(cfg)
-        kwargs = {"gguf_file": cfg.gguf_file} if cfg.get("gguf_file") else {}
+        location, kwargs = resolve_location(cfg)
+        if cfg.get("gguf_file"):
+            kwargs["gguf_file"] = cfg.gguf_file
         try:
             model = cls.from_pretrained(location, dtype=torch.float32, **kwargs, **head_kwargs(head))
         except OSError as err:

@@ -10,13 +10,12 @@ accuracy; MNLI matched and mismatched accuracy, reported separately; the rest ac
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowrank_bench import metrics
 from lowrank_bench.errors import LrbenchError, choices
-from lowrank_bench.models import Head, hub_reachable, offline_message
+from lowrank_bench.models import Head, hub_offline, hub_reachable, offline_message
 from lowrank_bench.tasks.base import ClassificationTask, Example, check_label, data_dir
 
 HUB_DATASET = "nyu-mll/glue"
@@ -141,10 +140,15 @@ class GlueTask(ClassificationTask):
         import datasets
 
         hub_split = "train" if split == "train" else self.spec.splits[split][1]
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")  # offline mode reads the local HF cache
-        if not offline and not hub_reachable():
-            raise LrbenchError(offline_message("Dataset", f"{HUB_DATASET}/{self.cfg.subset}", "task.data_dir"))
-        ds = datasets.load_dataset(HUB_DATASET, self.cfg.subset, split=hub_split)
+        name = f"{HUB_DATASET}/{self.cfg.subset}"
+        if hub_reachable():
+            ds = datasets.load_dataset(HUB_DATASET, self.cfg.subset, split=hub_split)
+        else:
+            with hub_offline():  # a copy in the local HF cache still loads, without the client's retries
+                try:
+                    ds = datasets.load_dataset(HUB_DATASET, self.cfg.subset, split=hub_split)
+                except Exception:
+                    raise LrbenchError(offline_message("Dataset", name, "task.data_dir")) from None
         a, b = self.spec.hub_text
         return [{"text": r[a], "text_pair": r[b] if b else None,
                  "label": float(r["label"]) if self.spec.regression else int(r["label"])} for r in ds]
