@@ -93,8 +93,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def job(cfg: DictConfig) -> float | None:
+    """One Hydra job. Kept undecorated under its own name so that launchers which pickle it (joblib, submitit)
+    pickle a reference, not the function's globals."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = run(cfg, run_dir)
@@ -104,6 +105,8 @@ def main(cfg: DictConfig) -> float | None:
     results.print_summary(summary)
     return summary.get(f"best_{summary['metric']}")
 
+
+main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(job)
 
 if __name__ == "__main__":
     main()

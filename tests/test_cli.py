@@ -152,3 +152,13 @@ def test_wandb_offline_logs_config_metrics_and_summary(tmp_path):
     content = logs[0].read_bytes()  # protobuf records keep their keys as plain strings
     for key in (b"max_grad_norm", b"train_loss", b"best_accuracy", b"trainable_params"):
         assert key in content, key
+
+
+@pytest.mark.slow
+def test_parallel_joblib_sweep_appends_every_row(tmp_path):
+    csv_path = tmp_path / "joblib.csv"
+    result = lrbench("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=lora,dora", "seed=0,1",
+                     "model=tiny-roberta", *FAST, env={"LRBENCH_RESULTS_CSV": str(csv_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_rows(csv_path)
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("dora", "0"), ("dora", "1"), ("lora", "0"), ("lora", "1")]
