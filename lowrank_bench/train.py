@@ -108,5 +108,7 @@ def job(cfg: DictConfig) -> float | None:
 
 main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(job)
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m lowrank_bench.train`: run the importable copy, so that jobs pickle by name
+    from lowrank_bench.train import main as packaged_main
+
+    packaged_main()
