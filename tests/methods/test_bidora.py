@@ -5,20 +5,15 @@ import pytest
 import torch
 
 from lowrank_bench.errors import LrbenchError
-from lowrank_bench.methods.base import adapted_layers, load_adapter, save_adapter
+from lowrank_bench.methods.base import adapted_layers
 from lowrank_bench.models import count_parameters
-from tests.conftest import ROBERTA_BASE, base_model, batch_for, meta_model
-from tests.methods.test_lora import adapt, randomize
+from tests.conftest import ROBERTA_BASE, base_model, meta_model
+from tests.methods.common import adapt, check_merge_unmerge, check_save_load, identity_gap, randomize
 
 
 @pytest.mark.parametrize("model_name", ["minilm-l6", "tiny-roberta"])
 def test_identity_at_init(model_name):
-    base, tok = base_model(model_name)
-    model, _ = base_model(model_name)
-    adapt(model, name="bidora")
-    batch = batch_for(tok)
-    with torch.no_grad():
-        assert (model(**batch).logits - base(**batch).logits).abs().max().item() < 1e-5
+    assert identity_gap(model_name, "bidora") < 1e-5
 
 
 def test_parameter_counts_roberta_base_match_the_paper():
@@ -36,23 +31,10 @@ def test_levels_split_roles():
     assert BiDoRA.levels == {"lower": ("adapter", "head"), "upper": ("magnitude",)}
 
 
-def test_merge_unmerge_and_save_load(tmp_path):
-    model, tok = base_model("tiny-roberta")
-    method, _ = adapt(model, name="bidora")
-    randomize(model)
-    batch = batch_for(tok)
-    with torch.no_grad():
-        before = model(**batch).logits
-        method.merge(model)
-        assert (model(**batch).logits - before).abs().max() < 1e-5
-        method.unmerge(model)
-        assert (model(**batch).logits - before).abs().max() < 1e-5
-    save_adapter(model, tmp_path / "a.safetensors")
-    fresh, _ = base_model("tiny-roberta")
-    adapt(fresh, name="bidora")
-    load_adapter(fresh, tmp_path / "a.safetensors")
-    with torch.no_grad():
-        assert torch.equal(fresh(**batch).logits, before)
+@pytest.mark.parametrize("orientation", ["standard", "official"])
+def test_merge_unmerge_and_save_load(tmp_path, orientation):
+    check_merge_unmerge("tiny-roberta", "bidora", orientation=orientation)
+    check_save_load(tmp_path, "tiny-roberta", "bidora", orientation=orientation)
 
 
 def test_direction_regulariser_is_the_mean_frobenius_distance_of_unit_rows():

@@ -4,20 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_bench.methods.base import adapted_layers, load_adapter, save_adapter
+from lowrank_bench.methods.base import adapted_layers
 from lowrank_bench.models import count_parameters
-from tests.conftest import ROBERTA_BASE, base_model, batch_for, meta_model
-from tests.methods.test_lora import adapt, randomize
+from tests.conftest import ROBERTA_BASE, base_model, meta_model
+from tests.methods.common import adapt, check_merge_unmerge, check_save_load, identity_gap, randomize
 
 
 @pytest.mark.parametrize("param", ["softmax", "real", "binary"])
 def test_identity_at_init(param):
-    base, tok = base_model("minilm-l6")
-    model, _ = base_model("minilm-l6")
-    adapt(model, name="bilora", lambda_param=param)
-    batch = batch_for(tok)
-    with torch.no_grad():
-        assert (model(**batch).logits - base(**batch).logits).abs().max().item() < 1e-5
+    assert identity_gap("minilm-l6", "bilora", lambda_param=param) < 1e-5
 
 
 def test_parameter_counts_roberta_base():
@@ -31,22 +26,8 @@ def test_parameter_counts_roberta_base():
 
 @pytest.mark.parametrize("param", ["softmax", "real", "binary"])
 def test_merge_unmerge_and_save_load(tmp_path, param):
-    model, tok = base_model("tiny-roberta")
-    method, _ = adapt(model, name="bilora", lambda_param=param)
-    randomize(model)
-    batch = batch_for(tok)
-    with torch.no_grad():
-        before = model(**batch).logits
-        method.merge(model)
-        assert (model(**batch).logits - before).abs().max() < 1e-5
-        method.unmerge(model)
-        assert (model(**batch).logits - before).abs().max() < 1e-5
-    save_adapter(model, tmp_path / "a.safetensors")
-    fresh, _ = base_model("tiny-roberta")
-    adapt(fresh, name="bilora", lambda_param=param)
-    load_adapter(fresh, tmp_path / "a.safetensors")
-    with torch.no_grad():
-        assert torch.equal(fresh(**batch).logits, before)
+    check_merge_unmerge("tiny-roberta", "bilora", lambda_param=param)
+    check_save_load(tmp_path, "tiny-roberta", "bilora", lambda_param=param)
 
 
 def test_delta_is_p_lambda_q():

@@ -9,7 +9,7 @@ from lowrank_bench.methods.base import adapted_layers, load_adapter, save_adapte
 from lowrank_bench.methods.curlora import inverted_probabilities, sample_indices
 from lowrank_bench.models import count_parameters
 from tests.conftest import base_model, batch_for, meta_model
-from tests.methods.test_lora import adapt, randomize
+from tests.methods.common import adapt, check_merge_unmerge, randomize
 
 
 @pytest.mark.parametrize("model_name,targets", [("minilm-l6", ("query", "key", "value")), ("tiny-gpt2", ("c_attn",))])
@@ -74,16 +74,7 @@ def test_seeded_and_reloads_to_the_same_function(tmp_path):
 
 
 def test_merge_unmerge():
-    model, tok = base_model("tiny-gpt2")
-    method, _ = adapt(model, name="curlora", targets=("c_attn",), r=8)
-    randomize(model)
-    batch = batch_for(tok)
-    with torch.no_grad():
-        before = model(**batch).logits
-        method.merge(model)
-        assert (model(**batch).logits - before).abs().max() < 1e-5
-        method.unmerge(model)
-        assert (model(**batch).logits - before).abs().max() < 1e-5
+    check_merge_unmerge("tiny-gpt2", "curlora", targets=("c_attn",), r=8)
 
 
 def test_parameter_count_mistral_7b():

@@ -8,7 +8,7 @@ import torch
 from lowrank_bench.methods.base import adapted_layers
 from lowrank_bench.models import count_parameters
 from tests.conftest import ROBERTA_BASE, base_model, batch_for, meta_model
-from tests.methods.test_lora import adapt, randomize
+from tests.methods.common import adapt, check_merge_unmerge, check_save_load, randomize
 
 
 def test_magnitude_starts_at_row_norms_and_output_is_identity():
@@ -25,21 +25,11 @@ def test_magnitude_starts_at_row_norms_and_output_is_identity():
 
 @pytest.mark.parametrize("model_name,targets", [("tiny-roberta", ("query", "value")), ("tiny-gpt2", ("c_attn",))])
 def test_merge_unmerge_equality(model_name, targets):
-    model, tok = base_model(model_name)
-    method, _ = adapt(model, name="dora", targets=targets)
-    randomize(model)
-    batch = batch_for(tok)
-    original = {n: l.weight.clone() for n, l in adapted_layers(model).items()}
-    with torch.no_grad():
-        before = model(**batch).logits
-        method.merge(model)
-        merged = model(**batch).logits
-        method.unmerge(model)
-        after = model(**batch).logits
-    assert (merged - before).abs().max() < 1e-5
-    assert (after - before).abs().max() < 1e-5
-    for name, layer in adapted_layers(model).items():
-        assert (layer.weight - original[name]).abs().max() < 1e-5
+    check_merge_unmerge(model_name, "dora", targets=targets)
+
+
+def test_save_load_round_trip(tmp_path):
+    check_save_load(tmp_path, "tiny-roberta", "dora")
 
 
 def test_merged_weight_has_the_magnitude_as_row_norms():

@@ -8,75 +8,25 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from lowrank_bench.errors import LrbenchError
-from lowrank_bench.methods import build
-from lowrank_bench.methods.base import adapted_layers, load_adapter, save_adapter
+from lowrank_bench.methods.base import adapted_layers
 from lowrank_bench.models import count_parameters
-from tests.conftest import ROBERTA_BASE, base_model, batch_for, meta_model, method_cfg
-
-
-def adapt(model, name="lora", targets=None, heads=("classifier",), **options):
-    """Apply a method from its YAML (plus overrides); `targets` overrides the YAML's choice of modules."""
-    if targets is not None:
-        options["targets"] = list(targets)
-    method = build(method_cfg(name, **options))
-    groups = method.apply(model, list(heads), {"default": ["query", "value"], "qkv": ["query", "key", "value"]})
-    return method, groups
-
-
-def randomize(model, seed=1):
-    """Move every adapter away from its (identity) initialisation, deterministically."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapted_layers(model).values():
-            for _, _, p in layer.role_parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+from tests.conftest import ROBERTA_BASE, base_model, batch_for, meta_model
+from tests.methods.common import adapt, check_merge_unmerge, check_save_load, identity_gap, randomize
 
 
 @pytest.mark.parametrize("model_name", ["tiny-roberta", "minilm-l6", "tiny-gpt2"])
 def test_identity_at_init(model_name):
-    base, tok = base_model(model_name)
-    adapted, _ = base_model(model_name)
     targets = ("c_attn",) if "gpt2" in model_name else ("query", "value")
-    adapt(adapted, targets=targets)
-    batch = batch_for(tok)
-    with torch.no_grad():
-        diff = (adapted(**batch).logits - base(**batch).logits).abs().max().item()
-    assert diff < 1e-6
+    assert identity_gap(model_name, "lora", targets=targets) < 1e-6
 
 
-@pytest.mark.parametrize("model_name", ["tiny-roberta", "tiny-gpt2"])
-def test_merge_unmerge_equality(model_name):
-    model, tok = base_model(model_name)
-    targets = ("c_attn",) if "gpt2" in model_name else ("query", "value")
-    method, _ = adapt(model, targets=targets)
-    randomize(model)
-    batch = batch_for(tok)
-    weights_before = {n: l.weight.clone() for n, l in adapted_layers(model).items()}
-    with torch.no_grad():
-        unmerged = model(**batch).logits
-        method.merge(model)
-        merged = model(**batch).logits
-        method.unmerge(model)
-        restored = model(**batch).logits
-    assert (merged - unmerged).abs().max() < 1e-5
-    assert (restored - unmerged).abs().max() < 1e-5
-    assert not torch.allclose(merged, base_model(model_name)[0](**batch).logits, atol=1e-4)  # the adapter matters
-    for name, layer in adapted_layers(model).items():
-        assert (layer.weight - weights_before[name]).abs().max() < 1e-5
+@pytest.mark.parametrize("model_name,targets", [("tiny-roberta", ("query", "value")), ("tiny-gpt2", ("c_attn",))])
+def test_merge_unmerge_equality(model_name, targets):
+    check_merge_unmerge(model_name, "lora", targets=targets)
 
 
 def test_save_load_round_trip(tmp_path):
-    model, tok = base_model("tiny-roberta")
-    adapt(model)
-    randomize(model)
-    save_adapter(model, tmp_path / "adapter.safetensors")
-    fresh, _ = base_model("tiny-roberta")
-    adapt(fresh)
-    batch = batch_for(tok)
-    with torch.no_grad():
-        assert not torch.allclose(fresh(**batch).logits, model(**batch).logits)
-        load_adapter(fresh, tmp_path / "adapter.safetensors")
-        assert torch.equal(fresh(**batch).logits, model(**batch).logits)
+    check_save_load(tmp_path, "tiny-roberta", "lora", atol=1e-7)
 
 
 def test_parameter_count_roberta_base():

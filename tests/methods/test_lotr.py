@@ -4,20 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_bench.methods.base import adapted_layers, load_adapter, save_adapter
+from lowrank_bench.methods.base import adapted_layers
 from lowrank_bench.models import count_parameters
-from tests.conftest import ROBERTA_BASE, base_model, batch_for, meta_model
-from tests.methods.test_lora import adapt, randomize
+from tests.conftest import ROBERTA_BASE, base_model, meta_model
+from tests.methods.common import adapt, check_merge_unmerge, check_save_load, identity_gap
 
 
 @pytest.mark.parametrize("init", ["normal", "svd"])
 def test_identity_at_init(init):
-    base, tok = base_model("minilm-l6")
-    model, _ = base_model("minilm-l6")
-    adapt(model, name="lotr", init=init)
-    batch = batch_for(tok)
-    with torch.no_grad():
-        assert (model(**batch).logits - base(**batch).logits).abs().max().item() < 1e-5
+    assert identity_gap("minilm-l6", "lotr", init=init) < 1e-5
 
 
 @pytest.mark.parametrize("share", ["all_targets", "per_matrix_type"])
@@ -49,24 +44,8 @@ def test_parameter_count_per_matrix_type():
 
 @pytest.mark.parametrize("init", ["normal", "svd"])
 def test_merge_unmerge_and_save_load(tmp_path, init):
-    model, tok = base_model("tiny-roberta")
-    torch.manual_seed(0)
-    method, _ = adapt(model, name="lotr", init=init)
-    randomize(model)
-    batch = batch_for(tok)
-    with torch.no_grad():
-        before = model(**batch).logits
-        method.merge(model)
-        assert (model(**batch).logits - before).abs().max() < 1e-5
-        method.unmerge(model)
-        assert (model(**batch).logits - before).abs().max() < 1e-5
-    save_adapter(model, tmp_path / "a.safetensors")
-    fresh, _ = base_model("tiny-roberta")
-    torch.manual_seed(1)  # a different random init: the file must carry everything
-    adapt(fresh, name="lotr", init=init)
-    load_adapter(fresh, tmp_path / "a.safetensors")
-    with torch.no_grad():
-        assert (fresh(**batch).logits - before).abs().max() < 1e-6
+    check_merge_unmerge("tiny-roberta", "lotr", init=init)
+    check_save_load(tmp_path, "tiny-roberta", "lotr", init=init)
 
 
 def test_svd_init_is_a_tucker2_projection():
