@@ -30,9 +30,9 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
-# Comparison tables of every run in results/runs.csv.
+# Comparison tables of every run in results/runs.csv, and ours next to the papers' numbers.
 reproduce-tables: install
-	$(BIN)/python -m lowrank_bench.tables results/runs.csv
+	$(BIN)/python -m lowrank_bench.tables results/runs.csv --paper results/paper_numbers.csv
 
 bench: install
 	$(BIN)/python benchmarks/adapter_overhead.py

@@ -1,6 +1,6 @@
 """Comparison tables from result rows: mean ± std over seeds of every method × model × task.
 
-    python -m lowrank_bench.tables [results/runs.csv] [--metric best_accuracy]
+    python -m lowrank_bench.tables [results/runs.csv] [--metric best_accuracy] [--paper results/paper_numbers.csv]
 """
 from __future__ import annotations
 
@@ -49,15 +49,35 @@ def comparison(rows: list[dict], metrics: list[str] | None = None) -> Table:
     return table
 
 
+def against_papers(rows: list[dict], paper_rows: list[dict]) -> Table:
+    """Our best value (mean ± std over seeds) next to every published number for the same method, model, task."""
+    table = Table(title="lrbench vs published numbers (×100)")
+    for col in ("task", "model", "method", "metric", "ours", "seeds", "paper", "source"):
+        table.add_column(col, justify="right" if col in ("ours", "paper") else "left")
+    for paper in paper_rows:
+        mine = [r for r in rows if (r["method"], r["model"], r["task"]) == (paper["method"], paper["model"], paper["task"])]
+        values = [float(r[f"best_{paper['metric']}"]) for r in mine if r.get(f"best_{paper['metric']}") not in (None, "")]
+        if values:
+            table.add_row(paper["task"], paper["model"], paper["method"], paper["metric"], fmt(values), str(len(values)),
+                          paper["value"], paper["source"])
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("csv", nargs="?", default="results/runs.csv")
     parser.add_argument("--metric", action="append", help="columns to show (default: every best_* metric)")
+    parser.add_argument("--paper", help="a CSV of published numbers (results/paper_numbers.csv) to set ours against")
     args = parser.parse_args(argv)
     rows = read_rows(Path(args.csv))
     if not rows:
         raise SystemExit(f"no result rows in {args.csv}")
-    Console().print(comparison(rows, args.metric))
+    console = Console()
+    if not console.is_terminal:  # piped or in CI: do not squeeze the table into 80 columns
+        console = Console(width=160)
+    console.print(comparison(rows, args.metric))
+    if args.paper:
+        console.print(against_papers(rows, read_rows(Path(args.paper))))
 
 
 if __name__ == "__main__":
