@@ -154,8 +154,10 @@ class BilevelTrainer(Trainer):
         (self.run_dir / "bilevel_split.json").write_text(json.dumps(self.split))
         self.lower_batches = endless(self.loader(lower_data))
         self.upper_batches = endless(self.loader(upper_data))
-        rounds = self.steps_for(len(lower_data))
-        self.total_steps = max(1, math.ceil(rounds / self.T1)) if not self.cfg.trainer.get("max_steps") else rounds
+        if self.cfg.trainer.get("max_steps"):  # a step is one round: T1 lower steps, then T2 upper steps
+            self.total_steps = int(self.cfg.trainer.max_steps)
+        else:  # epochs count passes over the lower level's data
+            self.total_steps = max(1, math.ceil(self.steps_for(len(lower_data)) / self.T1))
         self.optimizer, self.scheduler = make_optimizer(self.lower, self.cfg.optimizer, self.total_steps * self.T1)
         upper_cfg = OmegaConf.merge(self.cfg.optimizer, {k: v for k, v in bc.upper_optimizer.items() if v is not None})
         self.upper_optimizer, self.upper_scheduler = make_optimizer(self.upper, upper_cfg, self.total_steps * self.T2)

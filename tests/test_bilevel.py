@@ -153,3 +153,13 @@ def test_retraining_restarts_direction_and_freezes_magnitudes(tmp_path):
     assert trainer.counts["retrain_steps"] == 3 and history.train_steps == 5
     phases = [json.loads(l)["phase"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert phases == ["search", "retrain"]
+
+
+def test_saved_adapter_keeps_the_frozen_magnitudes_after_retraining(tmp_path):
+    from lowrank_bench.methods.base import adapter_state_dict
+
+    trainer, s = make_trainer(tmp_path, "method=bidora", "trainer.max_steps=1", "method.retrain.enabled=true",
+                              "method.retrain.max_steps=1")
+    trainer.fit()
+    state = adapter_state_dict(s.model)
+    assert sum(k.endswith(".magnitude") for k in state) == len(s.groups["magnitude"])

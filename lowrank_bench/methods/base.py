@@ -205,10 +205,13 @@ class Method:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a method adds: its trainable tensors and the head, plus the frozen buffers an adapted layer needs to
-    reproduce its function (e.g. CURLoRA's sampled C and R)."""
-    state = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    for layer_name, layer in adapted_layers(model).items():
+    """What a method adds: the tensors of its adapted layers (trainable or, like BiDoRA's magnitudes during
+    retraining, frozen), any other trainable tensor (the head), and the persistent buffers an adapted layer needs
+    to reproduce its function (e.g. CURLoRA's sampled C and R)."""
+    layers = adapted_layers(model)
+    owned = {id(p) for layer in layers.values() for _, _, p in layer.role_parameters()}
+    state = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad or id(p) in owned}
+    for layer_name, layer in layers.items():
         for buf_name, buf in layer.named_buffers(recurse=False):
             if buf_name not in layer._non_persistent_buffers_set:
                 state[f"{layer_name}.{buf_name}"] = buf
