@@ -161,7 +161,6 @@ class BilevelTrainer(Trainer):
         self.optimizer, self.scheduler = make_optimizer(self.lower, self.cfg.optimizer, self.total_steps * self.T1)
         upper_cfg = OmegaConf.merge(self.cfg.optimizer, {k: v for k, v in bc.upper_optimizer.items() if v is not None})
         self.upper_optimizer, self.upper_scheduler = make_optimizer(self.upper, upper_cfg, self.total_steps * self.T2)
-        self.optimizers = [(self.optimizer, self.lower), (self.upper_optimizer, self.upper)]
         self.initial_lower = [p.detach().clone() for p in self.lower]  # for the retraining phase
         self.phase = "search"
         self.counts = {"lower_steps": 0, "upper_steps": 0, "retrain_steps": 0}
@@ -237,7 +236,9 @@ class BilevelTrainer(Trainer):
         if not (rc and rc.enabled):
             return search
         self.start_retraining(rc)
+        search_memory = self.memory
         retrain = super().fit()
+        self.memory.peak_bytes = max(self.memory.peak_bytes, search_memory.peak_bytes)
         retrain.train_steps += search.train_steps
         retrain.train_seconds += search.train_seconds
         retrain.samples += search.samples

@@ -111,9 +111,8 @@ class Trainer:
         train = self.task.splits[self.task.train_split]
         self.total_steps = self.steps_for(len(train))
         self.batches = endless(self.loader(train))
-        params = [p for group in self.groups.values() for p in group]
-        self.optimizer, self.scheduler = make_optimizer(params, self.cfg.optimizer, self.total_steps)
-        self.optimizers = [(self.optimizer, params)]
+        self.params = [p for group in self.groups.values() for p in group]
+        self.optimizer, self.scheduler = make_optimizer(self.params, self.cfg.optimizer, self.total_steps)
 
     def loader(self, examples: list[dict]):
         return torch.utils.data.DataLoader(examples, batch_size=self.cfg.trainer.batch_size, shuffle=True,
@@ -132,10 +131,11 @@ class Trainer:
         self.epoch, batch = next(batches)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def loss_on(self, batch: dict, with_regularizer: bool = True) -> torch.Tensor:
+    def loss_on(self, batch: dict) -> torch.Tensor:
+        """The training loss of a batch plus the method's regulariser (BiDoRA's, BiLoRA's lower level's)."""
         with self.autocast():
             loss = self.task.loss(self.model, batch)
-            reg = self.method.regularizer(self.model) if with_regularizer else None
+            reg = self.method.regularizer(self.model)
         return loss if reg is None else loss + reg
 
     def accumulate(self, batches, accum: int) -> tuple[torch.Tensor, int]:
@@ -161,7 +161,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, torch.Tensor]:
         loss, samples = self.accumulate(self.batches, self.cfg.trainer.grad_accum)
-        self.optimizer_step(self.optimizer, self.optimizers[0][1])
+        self.optimizer_step(self.optimizer, self.params)
         self.scheduler.step()
         self.history.samples += samples
         return {"loss": loss}
