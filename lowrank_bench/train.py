@@ -30,6 +30,7 @@ from lowrank_bench.tasks.base import Task
 from lowrank_bench.trainer import Trainer, console
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenisation is done once, before any worker forks
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
