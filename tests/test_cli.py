@@ -36,6 +36,13 @@ def test_every_config_group_option_composes():
     for subset in GLUE:
         cfg = compose_cfg(f"task=glue/{subset}")
         assert cfg.task.name == f"glue/{subset}" and cfg.task.subset == subset  # `# @package task` keeps the key
+    for path in sorted((CONF / "experiment").rglob("*.yaml")):
+        name = path.relative_to(CONF / "experiment").with_suffix("").as_posix()
+        cfg = compose_cfg(f"experiment={name}")
+        assert cfg.method.name and cfg.trainer.max_steps > 0, name
+    mrpc = compose_cfg("experiment=bidora/roberta_base_mrpc")
+    assert (mrpc.method.name, mrpc.model.name, mrpc.task.name) == ("bidora", "roberta-base", "glue/mrpc")
+    assert (mrpc.optimizer.lr, mrpc.trainer.max_steps, mrpc.optimizer.betas[1]) == (2e-5, 28000, 0.98)
 
 
 def test_run_writes_summary_metrics_adapter_and_one_row(tmp_path):
