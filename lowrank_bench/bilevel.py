@@ -138,20 +138,9 @@ class BilevelTrainer(Trainer):
         self.T1, self.T2 = int(bc.lower_steps), int(bc.upper_steps)
         if self.mode == "exact":
             use_eager_attention(self.model)
-        self.lower = self.params_of("lower")
-        self.upper = self.params_of("upper")
-        train = self.task.splits[self.task.train_split]
-        if bc.get("upper_set"):
-            if bc.upper_set not in self.task.splits:
-                raise LrbenchError(f"method.bilevel.upper_set={bc.upper_set!r}; splits: {choices(self.task.splits)}")
-            lower_data, upper_data = train, self.task.splits[bc.upper_set]
-            self.split = {"lower": "all of " + self.task.train_split, "upper": "all of " + bc.upper_set}
-        else:
-            lower_idx, upper_idx = split_indices(len(train), bc.lower_fraction, self.cfg.seed)
-            lower_data, upper_data = [train[i] for i in lower_idx], [train[i] for i in upper_idx]
-            self.split = {"lower": lower_idx, "upper": upper_idx}
+        self.lower, self.upper = self.params_of("lower"), self.params_of("upper")
+        lower_data, upper_data = self.split_data(bc)
         self.sizes = (len(lower_data), len(upper_data))
-        (self.run_dir / "bilevel_split.json").write_text(json.dumps(self.split))
         self.lower_batches = endless(self.loader(lower_data))
         self.upper_batches = endless(self.loader(upper_data))
         if self.cfg.trainer.get("max_steps"):  # a step is one round: T1 lower steps, then T2 upper steps
@@ -164,6 +153,22 @@ class BilevelTrainer(Trainer):
         self.initial_lower = [p.detach().clone() for p in self.lower]  # for the retraining phase
         self.phase = "search"
         self.counts = {"lower_steps": 0, "upper_steps": 0, "retrain_steps": 0}
+
+    def split_data(self, bc) -> tuple[list[dict], list[dict]]:
+        """D_lower and D_upper: a seeded split of the training set (indices saved with the run), or, with
+        `upper_set`, the whole training set below and another split above."""
+        train = self.task.splits[self.task.train_split]
+        if bc.get("upper_set"):
+            if bc.upper_set not in self.task.splits:
+                raise LrbenchError(f"method.bilevel.upper_set={bc.upper_set!r}; splits: {choices(self.task.splits)}")
+            split = {"lower": f"all of {self.task.train_split}", "upper": f"all of {bc.upper_set}"}
+            lower, upper = train, self.task.splits[bc.upper_set]
+        else:
+            lower_idx, upper_idx = split_indices(len(train), bc.lower_fraction, self.cfg.seed)
+            split = {"lower": lower_idx, "upper": upper_idx}
+            lower, upper = [train[i] for i in lower_idx], [train[i] for i in upper_idx]
+        (self.run_dir / "bilevel_split.json").write_text(json.dumps(split))
+        return lower, upper
 
     def params_of(self, level: str) -> list[torch.nn.Parameter]:
         roles = self.method.levels[level]
@@ -194,10 +199,8 @@ class BilevelTrainer(Trainer):
 
         grads, loss = hypergradient(upper_loss, lambda: self.loss_on(lower_batch), self.upper, self.lower,
                                     self.mode, self.alpha)
-        for p, g in zip(self.upper, grads):
+        for p, g in zip(self.upper, grads):  # autograd.grad left every .grad untouched: set the upper ones
             p.grad = g.to(p.dtype)
-        for p in self.lower:  # what the hypergradient left on the lower level is not an update of it
-            p.grad = None
         if self.cfg.trainer.max_grad_norm:  # the hypergradient is unscaled: no GradScaler on this level
             torch.nn.utils.clip_grad_norm_(self.upper, self.cfg.trainer.max_grad_norm)
         self.upper_optimizer.step()
