@@ -102,8 +102,13 @@ def device_name(device: torch.device) -> str:
 
 
 # -- the summary ------------------------------------------------------------------------------------------------
+def provenance() -> dict[str, str]:
+    """Package versions and the git commit of the code, read when the run starts."""
+    return {**versions(), "git_commit": git_commit()}
+
+
 def summarize(cfg, task, method, trainer, history, params: tuple[int, int], wall_seconds: float,
-              extra: dict | None = None) -> dict:
+              origin: dict[str, str], extra: dict | None = None) -> dict:
     if not history.evals:
         raise RuntimeError("the run finished without an evaluation")
     best = max(history.evals, key=lambda r: r[task.metric])
@@ -128,7 +133,7 @@ def summarize(cfg, task, method, trainer, history, params: tuple[int, int], wall
         "device": device_name(trainer.device), "precision": trainer.precision,
         "batch_size": cfg.trainer.batch_size, "lr": cfg.optimizer.lr,
         **(extra or {}),
-        **versions(), "git_commit": git_commit(),
+        **origin,
     }
     return summary
 

@@ -75,6 +75,7 @@ def prepare(cfg: DictConfig) -> Setup:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """One run end to end; returns its summary. Raises LrbenchError on bad input before anything is written."""
     started = time.perf_counter()
+    origin = results.provenance()
     s = prepare(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = results.make_logger(cfg, run_dir)
@@ -85,7 +86,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if cfg.save_adapter:
             save_adapter(s.model, run_dir / "adapter.safetensors")
         summary = results.summarize(cfg, s.task, s.method, trainer, history, s.params, time.perf_counter() - started,
-                                    extra={**trainer.extra_summary(), "run_dir": str(run_dir)})
+                                    origin, extra={**trainer.extra_summary(), "run_dir": str(run_dir)})
         results.write_run_files(cfg, run_dir, summary)
         results.append_row(Path(cfg.results_csv), summary)
     finally:
