@@ -91,7 +91,8 @@ def main() -> None:
         for impl in ("peft", "ours"):
             ms, peak = results[impl]
             ratio = f"{results['ours'][0] / results['peft'][0]:.3f}" if impl == "ours" else ""
-            print(f"{name:8} {impl:6} {ms:9.1f} {peak:9.1f} {ratio:>9}")
+            peak_text = f"{peak:9.1f}" if peak == peak else f"{'-':>9}"  # CUDA only
+            print(f"{name:8} {impl:6} {ms:9.1f} {peak_text} {ratio:>9}")
 
 
 if __name__ == "__main__":
