@@ -61,10 +61,10 @@ class Setup:
 
 def prepare(cfg: DictConfig) -> Setup:
     """Everything before training: data tokenised, model built with the task's head, method applied."""
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    tokenizer = models.load_tokenizer(cfg.model)  # first: an unreachable Hub model fails before anything slow
     task = tasks.build(cfg.task)
     method = methods.build(cfg.method)
-    tokenizer = models.load_tokenizer(cfg.model)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
     task.prepare(tokenizer, cfg.task.get("max_length") or cfg.model.max_length)
     torch.manual_seed(cfg.seed)  # the head's and adapters' initialisation must not depend on the data loading
     model = models.load_model(cfg.model, task.head, tokenizer.pad_token_id)
