@@ -24,6 +24,19 @@ from lowrank_bench.errors import LrbenchError
 ADAPTABLE = (nn.Linear, Conv1D)
 
 
+def out_in(module: nn.Module) -> tuple[int, int]:
+    """(out, in) features of an adaptable layer, whatever its storage layout."""
+    rows, cols = module.weight.shape
+    return (cols, rows) if isinstance(module, Conv1D) else (rows, cols)
+
+
+def check_rank(r: int, name: str, shape: tuple[int, int], limit: int | None = None) -> None:
+    limit = limit or min(shape)
+    if not 1 <= r <= limit:
+        raise LrbenchError(f"rank r={r} is impossible for layer '{name}' ({shape[0]}x{shape[1]}): "
+                           f"choose 1 <= r <= {limit}")
+
+
 class AdaptedLayer(nn.Module):
     """A frozen base layer plus a method's trainable update. Subclasses set `roles` and implement `delta`."""
 
@@ -34,8 +47,7 @@ class AdaptedLayer(nn.Module):
         super().__init__()
         self.base = base
         self.fan_in_fan_out = isinstance(base, Conv1D)  # GPT-2 stores W as (in, out)
-        rows, cols = base.weight.shape
-        self.out_features, self.in_features = (cols, rows) if self.fan_in_fan_out else (rows, cols)
+        self.out_features, self.in_features = out_in(base)
         self.merged = False
 
     @property
@@ -74,13 +86,8 @@ class AdaptedLayer(nn.Module):
         for attr, role in self.roles.items():
             yield attr, role, getattr(self, attr)
 
-    def check_rank(self, r: int, name: str, limit: int | None = None) -> None:
-        limit = limit or min(self.in_features, self.out_features)
-        if not 1 <= r <= limit:
-            raise LrbenchError(
-                f"rank r={r} is impossible for layer '{name}' ({self.out_features}x{self.in_features}): "
-                f"choose 1 <= r <= {limit}"
-            )
+    def check_rank(self, r: int, name: str) -> None:
+        check_rank(r, name, (self.out_features, self.in_features))
 
 
 def matches(name: str, targets: list[str]) -> bool:

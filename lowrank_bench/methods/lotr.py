@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lowrank_bench.errors import LrbenchError
-from lowrank_bench.methods.base import AdaptedLayer, Method, adapted_layers
+from lowrank_bench.methods.base import AdaptedLayer, Method, adapted_layers, check_rank, out_in
 
 SHARING = ("all_targets", "per_matrix_type")
 INITS = ("normal", "svd")
@@ -76,18 +76,15 @@ class LoTR(Method):
         return "all" if self.cfg.share == "all_targets" else name.rsplit(".", 1)[-1]
 
     def make_layer(self, name: str, base: nn.Module) -> LoTRLayer:
-        probe = AdaptedLayer(base)
-        r = self.cfg.r
-        probe.check_rank(r, name)
-        key = self.share_key(name)
+        shape, r, key = out_in(base), self.cfg.r, self.share_key(name)
+        check_rank(r, name, shape)
         if key not in self.shared:
-            self.shared[key] = SharedFactors(probe.out_features, probe.in_features, r, base.weight.dtype,
-                                             base.weight.device)
+            self.shared[key] = SharedFactors(*shape, r, base.weight.dtype, base.weight.device)
         factors = self.shared[key]
-        if (factors.L.shape[0], factors.R.shape[0]) != (probe.out_features, probe.in_features):
-            raise LrbenchError(f"LoTR shares (L, R) across '{key}' but '{name}' is {probe.out_features}x"
-                               f"{probe.in_features}, not {factors.L.shape[0]}x{factors.R.shape[0]}; "
-                               "use method.share=per_matrix_type or other targets")
+        if (factors.L.shape[0], factors.R.shape[0]) != shape:
+            raise LrbenchError(f"LoTR shares (L, R) across '{key}' but '{name}' is {shape[0]}x{shape[1]}, not "
+                               f"{factors.L.shape[0]}x{factors.R.shape[0]}; use method.share=per_matrix_type "
+                               "or other targets")
         return LoTRLayer(base, factors, r, self.cfg.alpha)
 
     def apply(self, model, heads, target_sets):

@@ -61,3 +61,11 @@ def test_svd_init_is_a_tucker2_projection():
         projected = first.L @ first.L.T @ w0 @ first.R @ first.R.T
         assert torch.allclose(layer.delta_weight(), projected, atol=1e-5)
         assert torch.allclose(layer.weight + layer.delta_weight(), w0, atol=1e-5)
+
+
+def test_sharing_across_different_shapes_is_a_clear_error():
+    from lowrank_bench.errors import LrbenchError
+
+    model, _ = base_model("tiny-roberta")
+    with pytest.raises(LrbenchError, match=r"shares \(L, R\) across 'all'.*64x32.*per_matrix_type"):
+        adapt(model, name="lotr", targets=("query", "intermediate.dense"))
