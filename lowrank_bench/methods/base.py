@@ -139,7 +139,7 @@ class Method:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.targets: list[str] = []
+        self.layers: dict[str, AdaptedLayer] = {}  # filled by apply; per-step regularisers read it, not the model
 
     @property
     def rank(self):
@@ -167,9 +167,8 @@ class Method:
 
     def apply(self, model: nn.Module, heads: list[str], target_sets: dict[str, list[str]]) -> dict[str, list[nn.Parameter]]:
         """Freeze, inject, unfreeze the head; return trainable parameters grouped by role."""
-        self.targets = self.resolve_targets(target_sets)
         model.requires_grad_(False)
-        inject(model, self.targets, self.make_layer)
+        self.layers = inject(model, self.resolve_targets(target_sets), self.make_layer)
         return self.unfreeze_groups(model, heads)
 
     def unfreeze_groups(self, model: nn.Module, heads: list[str]) -> dict[str, list[nn.Parameter]]:

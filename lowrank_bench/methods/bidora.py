@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lowrank_bench.errors import LrbenchError
-from lowrank_bench.methods.base import AdaptedLayer, adapted_layers
+from lowrank_bench.methods.base import AdaptedLayer
 from lowrank_bench.methods.dora import DoRA, DoRALayer
 
 ORIENTATIONS = ("standard", "official")
@@ -114,5 +114,5 @@ class BiDoRA(DoRA):
         weight = self.cfg.get("direction_reg", 0.0)
         if not weight:
             return None
-        penalties = [layer.orthogonality_penalty() for layer in adapted_layers(model).values()]
+        penalties = [layer.orthogonality_penalty() for layer in self.layers.values()]
         return weight * torch.stack(penalties).mean()

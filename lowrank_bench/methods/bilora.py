@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lowrank_bench.errors import LrbenchError
-from lowrank_bench.methods.base import AdaptedLayer, Method, adapted_layers
+from lowrank_bench.methods.base import AdaptedLayer, Method
 
 PARAMETERISATIONS = ("softmax", "real", "binary")
 
@@ -73,11 +73,11 @@ class BiLoRA(Method):
         gamma1 = self.cfg.get("orth_reg", 0.0)
         if not gamma1:
             return None
-        return gamma1 * torch.stack([l.orthogonality_penalty() for l in adapted_layers(model).values()]).mean()
+        return gamma1 * torch.stack([l.orthogonality_penalty() for l in self.layers.values()]).mean()
 
     def upper_regularizer(self, model: nn.Module) -> torch.Tensor | None:
         gamma2 = self.cfg.get("binary_reg", 0.0)
         if self.cfg.lambda_param != "binary" or not gamma2:
             return None
-        lam = torch.cat([l.singular_values() for l in adapted_layers(model).values()])
+        lam = torch.cat([l.singular_values() for l in self.layers.values()])
         return gamma2 * (lam * (1 - lam)).mean()

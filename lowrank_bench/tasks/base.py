@@ -11,11 +11,13 @@ import hashlib
 import json
 import os
 import random
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+from lowrank_bench import metrics
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.models import Head
 
@@ -165,14 +167,10 @@ class ClassificationTask(Task):
         return preds, labels
 
     def evaluate(self, model, split: str, batch_size: int = 64, device="cpu", autocast=None) -> dict[str, float]:
-        from contextlib import nullcontext
-
         preds, labels = self.predict(model, split, batch_size, device, autocast or nullcontext)
         return self.compute_metrics(preds, labels)
 
     def compute_metrics(self, preds: list, labels: list) -> dict[str, float]:
-        from lowrank_bench import metrics
-
         return {"accuracy": metrics.accuracy(preds, labels)}
 
 
