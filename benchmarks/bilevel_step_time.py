@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from lowrank_bench.train import prepare, trainer_class
-from lowrank_bench.trainer import History
+from lowrank_bench.stages import stages_for
+from lowrank_bench.train import prepare
+from lowrank_bench.trainer import Trainer, step_rule
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 RUNS = [("lora", None), ("dora", None)] + [(m, h) for m in ("bidora", "bilora") for h in ("first_order", "darts", "exact")]
@@ -28,13 +29,15 @@ def step_times(overrides: list[str], steps: int, warmup: int) -> float:
         cfg = compose(config_name="config", overrides=overrides)
     s = prepare(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = trainer_class(s.method)(cfg, s.model, s.task, s.method, s.groups, Path(tmp))
-        trainer.history, trainer.epoch = History(), 0
+        trainer = Trainer(cfg.trainer, s.model, s.method, Path(tmp), cfg.seed)
+        stage = stages_for(s.task, s.method, s.groups, cfg.method, cfg.optimizer, cfg.trainer.epochs,
+                           cfg.trainer.max_steps, cfg.seed)[0]
+        rule = step_rule(trainer, stage)
         s.model.train()
         times = []
         for i in range(warmup + steps):
             start = time.perf_counter()
-            logs = trainer.train_step()
+            logs = rule.step()
             float(next(iter(logs.values())))  # wait for the step to finish (a no-op on the CPU)
             if i >= warmup:
                 times.append(time.perf_counter() - start)

@@ -22,13 +22,16 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
-from omegaconf import OmegaConf
 
 from lowrank_bench.errors import LrbenchError, choices
-from lowrank_bench.trainer import History, Trainer, endless, make_optimizer
+from lowrank_bench.optim import endless, make_optimizer
+
+if TYPE_CHECKING:
+    from lowrank_bench.stages import Stage
+    from lowrank_bench.trainer import Trainer
 
 MODES = ("darts", "exact", "first_order")
 Params = Sequence[torch.nn.Parameter]
@@ -126,151 +129,93 @@ def split_indices(n: int, lower_fraction: float, seed: int) -> tuple[list[int], 
     return sorted(order[:cut]), sorted(order[cut:])
 
 
-# -- the trainer ------------------------------------------------------------------------------------------------
-class BilevelTrainer(Trainer):
-    """Alternates T1 lower steps (V on D_lower) with T2 upper steps (M on D_upper); optionally retrains V."""
+def split_data(task, bilevel) -> tuple[list[dict], list[dict], dict]:
+    """D_lower and D_upper: a seeded split of the training set, or, with `upper_set`, the whole training set below
+    and another split above. Also returns what was chosen (indices, or split names), to save with the run."""
+    train = task.train_examples()
+    if bilevel.upper_set:
+        if bilevel.upper_set not in task.splits:
+            raise LrbenchError(f"method.bilevel.upper_set={bilevel.upper_set!r}; splits: {choices(task.splits)}")
+        split = {"lower": f"all of {task.train_split}", "upper": f"all of {bilevel.upper_set}"}
+        return train, task.splits[bilevel.upper_set], split
+    lower_idx, upper_idx = split_indices(len(train), bilevel.lower_fraction, bilevel.seed)
+    return [train[i] for i in lower_idx], [train[i] for i in upper_idx], {"lower": lower_idx, "upper": upper_idx}
 
-    def setup(self) -> None:
-        bc = self.cfg.method.bilevel
-        self.mode, self.alpha = bc.hypergradient, bc.darts_alpha
-        if self.mode not in MODES:
-            raise LrbenchError(f"method.bilevel.hypergradient={self.mode!r}; valid: {choices(MODES)}")
-        self.T1, self.T2 = int(bc.lower_steps), int(bc.upper_steps)
-        if self.mode == "exact":
-            use_eager_attention(self.model)
-        self.lower, self.upper = self.params_of("lower"), self.params_of("upper")
-        lower_data, upper_data = self.split_data(bc)
+
+# -- the step rule ----------------------------------------------------------------------------------------------
+class BiLevel:
+    """One round: T1 lower steps (V on D_lower), then T2 upper steps (M on D_upper, by the hypergradient). With
+    `max_steps` the stage's budget counts rounds; with epochs, passes over D_lower."""
+
+    def __init__(self, loop: "Trainer", stage: "Stage"):
+        b = stage.bilevel
+        if b.hypergradient not in MODES:
+            raise LrbenchError(f"method.bilevel.hypergradient={b.hypergradient!r}; valid: {choices(MODES)}")
+        if b.hypergradient == "exact":
+            use_eager_attention(loop.model)
+        self.loop, self.task, self.b = loop, stage.task, b
+        self.lower, self.upper = b.lower, b.upper
+        lower_data, upper_data, split = split_data(stage.task, b)
+        suffix = "" if stage.name == "search" else "_" + stage.name.replace("/", "_")
+        (loop.run_dir / f"bilevel_split{suffix}.json").write_text(json.dumps(split))
         self.sizes = (len(lower_data), len(upper_data))
-        self.lower_batches = endless(self.loader(lower_data))
-        self.upper_batches = endless(self.loader(upper_data))
-        if self.cfg.trainer.get("max_steps"):  # a step is one round: T1 lower steps, then T2 upper steps
-            self.total_steps = int(self.cfg.trainer.max_steps)
-        else:  # epochs count passes over the lower level's data
-            self.total_steps = max(1, math.ceil(self.steps_for(len(lower_data)) / self.T1))
-        self.optimizer, self.scheduler = make_optimizer(self.lower, self.cfg.optimizer, self.total_steps * self.T1)
-        upper_cfg = OmegaConf.merge(self.cfg.optimizer, {k: v for k, v in bc.upper_optimizer.items() if v is not None})
-        self.upper_optimizer, self.upper_scheduler = make_optimizer(self.upper, upper_cfg, self.total_steps * self.T2)
-        self.initial_lower = [p.detach().clone() for p in self.lower]  # for the retraining phase
-        self.phase = "search"
-        self.counts = {"lower_steps": 0, "upper_steps": 0, "retrain_steps": 0}
-
-    def split_data(self, bc) -> tuple[list[dict], list[dict]]:
-        """D_lower and D_upper: a seeded split of the training set (indices saved with the run), or, with
-        `upper_set`, the whole training set below and another split above."""
-        train = self.task.splits[self.task.train_split]
-        if bc.get("upper_set"):
-            if bc.upper_set not in self.task.splits:
-                raise LrbenchError(f"method.bilevel.upper_set={bc.upper_set!r}; splits: {choices(self.task.splits)}")
-            split = {"lower": f"all of {self.task.train_split}", "upper": f"all of {bc.upper_set}"}
-            lower, upper = train, self.task.splits[bc.upper_set]
+        self.lower_batches = endless(loop.loader(lower_data, stage.task))
+        self.upper_batches = endless(loop.loader(upper_data, stage.task))
+        if stage.max_steps:
+            self.total_steps = int(stage.max_steps)
         else:
-            lower_idx, upper_idx = split_indices(len(train), bc.lower_fraction, self.cfg.seed)
-            split = {"lower": lower_idx, "upper": upper_idx}
-            lower, upper = [train[i] for i in lower_idx], [train[i] for i in upper_idx]
-        (self.run_dir / "bilevel_split.json").write_text(json.dumps(split))
-        return lower, upper
+            lower_steps = loop.steps_for(len(lower_data), stage.task, stage.epochs, None)
+            self.total_steps = max(1, math.ceil(lower_steps / b.lower_steps))
+        self.optimizer, self.scheduler = make_optimizer(self.lower, stage.optimizer, self.total_steps * b.lower_steps)
+        self.upper_optimizer, self.upper_scheduler = make_optimizer(self.upper, b.upper_optimizer,
+                                                                    self.total_steps * b.upper_steps)
+        self.counts = {"lower_steps": 0, "upper_steps": 0}
+        self.last_lower_batch: dict | None = None
 
-    def params_of(self, level: str) -> list[torch.nn.Parameter]:
-        roles = self.method.levels[level]
-        params = [p for role in roles for p in self.groups.get(role, [])]
-        if not params:
-            raise LrbenchError(f"{self.method.name}: no trainable parameters at the {level} level (roles {roles})")
-        return params
-
-    # -- one round: T1 lower steps, then T2 upper steps --------------------------------------------------------
     def lower_step(self) -> torch.Tensor:
         with requires_grad(self.upper, False):  # the lower level neither computes nor applies upper gradients
-            loss, samples = self.accumulate(self.lower_batches, self.cfg.trainer.grad_accum)
-        self.optimizer_step(self.optimizer, self.lower)
+            loss, samples, self.last_lower_batch = self.loop.accumulate(self.lower_batches, self.task)
+        self.loop.optimizer_step(self.optimizer, self.lower)
         self.scheduler.step()
-        self.history.samples += samples
+        self.loop.history.samples += samples
         self.counts["lower_steps"] += 1
         return loss
 
     def upper_step(self) -> torch.Tensor:
-        upper_batch = self.next_batch(self.upper_batches)
+        """The finite difference re-evaluates the lower loss on the last micro-batch of the preceding lower step."""
+        loop, task = self.loop, self.task
+        upper_batch = loop.next_batch(self.upper_batches)
         lower_batch = self.last_lower_batch
 
         def upper_loss():
-            with self.autocast():
-                loss = self.task.loss(self.model, upper_batch)
-                reg = self.method.upper_regularizer(self.model)
+            with loop.autocast():
+                loss = task.loss(loop.model, upper_batch)
+                reg = loop.method.upper_regularizer(loop.model)
             return loss if reg is None else loss + reg
 
-        grads, loss = hypergradient(upper_loss, lambda: self.loss_on(lower_batch), self.upper, self.lower,
-                                    self.mode, self.alpha)
+        grads, loss = hypergradient(upper_loss, lambda: loop.loss_on(task, lower_batch), self.upper, self.lower,
+                                    self.b.hypergradient, self.b.darts_alpha)
         for p, g in zip(self.upper, grads):  # autograd.grad left every .grad untouched: set the upper ones
             p.grad = g.to(p.dtype)
-        if self.cfg.trainer.max_grad_norm:  # the hypergradient is unscaled: no GradScaler on this level
-            torch.nn.utils.clip_grad_norm_(self.upper, self.cfg.trainer.max_grad_norm)
+        if loop.tc.max_grad_norm:  # the hypergradient is unscaled: no GradScaler on this level
+            torch.nn.utils.clip_grad_norm_(self.upper, loop.tc.max_grad_norm)
         self.upper_optimizer.step()
         self.upper_optimizer.zero_grad(set_to_none=True)
         self.upper_scheduler.step()
-        self.history.samples += upper_batch["input_ids"].shape[0]
+        loop.history.samples += task.batch_size_of(upper_batch)
         self.counts["upper_steps"] += 1
         return loss
 
-    def next_batch(self, batches) -> dict:
-        batch = super().next_batch(batches)
-        if batches is self.lower_batches:
-            self.last_lower_batch = batch
-        return batch
-
-    def train_step(self) -> dict[str, torch.Tensor]:
-        if self.phase == "retrain":
-            loss = self.lower_step()
-            self.counts["retrain_steps"] += 1
-            return {"loss": loss}
-        for _ in range(self.T1):
+    def step(self) -> dict[str, torch.Tensor]:
+        for _ in range(self.b.lower_steps):
             lower = self.lower_step()
-        for _ in range(self.T2):
+        for _ in range(self.b.upper_steps):
             upper = self.upper_step()
         return {"lower_loss": lower, "upper_loss": upper}
 
     def lrs(self) -> dict[str, float]:
-        if self.phase == "retrain":
-            return {"lr": self.optimizer.param_groups[0]["lr"]}
         return {"lr_lower": self.optimizer.param_groups[0]["lr"], "lr_upper": self.upper_optimizer.param_groups[0]["lr"]}
 
-    # -- phases ---------------------------------------------------------------------------------------------
-    def fit(self) -> History:
-        search = super().fit()
-        rc = self.cfg.method.get("retrain")
-        if not (rc and rc.enabled):
-            return search
-        self.start_retraining(rc)
-        search_memory = self.memory
-        retrain = super().fit()
-        self.memory.peak_bytes = max(self.memory.peak_bytes, search_memory.peak_bytes)
-        retrain.train_steps += search.train_steps
-        retrain.train_seconds += search.train_seconds
-        retrain.samples += search.samples
-        return retrain
-
-    def start_retraining(self, rc) -> None:
-        """Direction and head restart from their pre-search state and train on the full training set; the
-        learned upper-level parameters (magnitudes) stay frozen."""
-        with torch.no_grad():
-            for p, p0 in zip(self.lower, self.initial_lower):
-                p.copy_(p0)
-        for p in self.upper:
-            p.requires_grad_(False)
-        self.phase = "retrain"
-        train = self.task.splits[self.task.train_split]
-        self.lower_batches = endless(self.loader(train))
-        steps = int(rc.max_steps) if rc.get("max_steps") else self.steps_for_epochs(len(train), rc.epochs)
-        self.total_steps = steps
-        opt_cfg = OmegaConf.merge(self.cfg.optimizer, {k: v for k, v in (("lr", rc.lr), ("weight_decay", rc.weight_decay))
-                                                       if v is not None})
-        self.optimizer, self.scheduler = make_optimizer(self.lower, opt_cfg, steps)
-
-    def steps_for_epochs(self, n: int, epochs) -> int:
-        tc = self.cfg.trainer
-        return max(1, math.ceil(n / (tc.batch_size * tc.grad_accum)) * int(epochs or tc.epochs))
-
-    def record_extras(self) -> dict:
-        return {"phase": self.phase}
-
-    def extra_summary(self) -> dict:
-        return {"hypergradient": self.mode, "lower_size": self.sizes[0], "upper_size": self.sizes[1],
-                "T1": self.T1, "T2": self.T2, **self.counts}
+    def summary(self) -> dict:
+        return {"hypergradient": self.b.hypergradient, "lower_size": self.sizes[0], "upper_size": self.sizes[1],
+                "T1": self.b.lower_steps, "T2": self.b.upper_steps, **self.counts}

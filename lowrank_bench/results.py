@@ -9,9 +9,7 @@ import io
 import json
 import os
 import platform
-import resource
 import subprocess
-import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,51 +48,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-class MemoryMonitor:
-    """Peak memory of one run: CUDA's allocator peak on a GPU; on the CPU, the process's resident set size sampled
-    every 20 ms from /proc (the kernel's own max-RSS counter never resets, so in a sweep it would repeat the
-    largest earlier run's figure)."""
-
-    def __init__(self, device: torch.device, interval: float = 0.02):
-        self.device, self.interval, self.peak_bytes = device, interval, 0
-        self._stop = threading.Event()
-        self._thread = None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
-        while True:
-            try:
-                with open("/proc/self/statm") as handle:
-                    self.peak_bytes = max(self.peak_bytes, int(handle.read().split()[1]) * page)
-            except OSError:  # not Linux: fall back to the process-lifetime maximum
-                self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            if self._stop.wait(self.interval):
-                return
-
-    def __exit__(self, *exc):
-        if self._thread:
-            self._stop.set()
-            self._thread.join()
-        elif self.device.type == "cuda":
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-
-    @property
-    def kind(self) -> str:
-        return "cuda_max_allocated" if self.device.type == "cuda" else "cpu_rss_peak"
-
-    @property
-    def megabytes(self) -> float:
-        return round(self.peak_bytes / 2**20, 1)
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -107,13 +60,16 @@ def provenance() -> dict[str, str]:
     return {**versions(), "git_commit": git_commit()}
 
 
+NOT_METRICS = ("step", "epoch", "stage")
+
+
 def summarize(cfg, task, method, trainer, history, params: tuple[int, int], wall_seconds: float,
               origin: dict[str, str], extra: dict | None = None) -> dict:
     if not history.evals:
         raise RuntimeError("the run finished without an evaluation")
     best = max(history.evals, key=lambda r: r[task.metric])
     last = history.evals[-1]
-    metric_names = [k for k in last if k not in ("step", "epoch") and not k.startswith("train_")]
+    metric_names = [k for k in last if k not in NOT_METRICS and not k.startswith("train_")]
     trainable, total = params
     steps = max(history.train_steps, 1)
     summary = {

@@ -4,8 +4,8 @@
     lrbench -m method=ft,lora,dora seed=0,1 task=glue/sst2
 
 seed -> task (raw data, tokenised once and cached) -> model with the task's head -> method.apply (inject and
-group trainable parameters by role) -> Trainer, or BilevelTrainer when the method declares two levels ->
-summary.json in the run directory and one row in results/runs.csv.
+group trainable parameters by role) -> the stages (stages.py: one, or the bi-level search and its retraining) ->
+Trainer.run(stages) -> summary.json in the run directory and one row in results/runs.csv.
 """
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ from omegaconf import DictConfig
 from rich.text import Text
 
 from lowrank_bench import methods, models, results, tasks
+from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.methods.base import Method, save_adapter
+from lowrank_bench.stages import stages_for
 from lowrank_bench.tasks.base import Task
-from lowrank_bench.trainer import Trainer, console
+from lowrank_bench.trainer import Trainer
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenisation is done once, before any worker forks
@@ -40,14 +42,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def trainer_class(method):
-    if method.levels:
-        from lowrank_bench.bilevel import BilevelTrainer
-
-        return BilevelTrainer
-    return Trainer
 
 
 @dataclass
@@ -81,18 +75,27 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     logger = results.make_logger(cfg, run_dir)
     summary = None
     try:
-        trainer = trainer_class(s.method)(cfg, s.model, s.task, s.method, s.groups, run_dir, logger)
-        history = trainer.fit()
+        trainer = Trainer(cfg.trainer, s.model, s.method, run_dir, cfg.seed, logger)
+        stages = stages_for(s.task, s.method, s.groups, cfg.method, cfg.optimizer, cfg.trainer.epochs,
+                            cfg.trainer.max_steps, cfg.seed)
+        history = trainer.run(stages)
         if cfg.save_adapter:
             save_adapter(s.model, run_dir / "adapter.safetensors")
         summary = results.summarize(cfg, s.task, s.method, trainer, history, s.params, time.perf_counter() - started,
-                                    origin, extra={**trainer.extra_summary(), "run_dir": str(run_dir)})
+                                    origin, extra={**trainer.extras, **stage_steps(history),
+                                                   "run_dir": str(run_dir)})
         results.write_run_files(cfg, run_dir, summary)
         results.append_row(Path(cfg.results_csv), summary)
     finally:
         if logger:
             logger.finish(summary)
     return summary
+
+
+def stage_steps(history) -> dict:
+    """Steps per stage, when a run has more than one (BiDoRA's search and retraining)."""
+    steps = history.steps_per_stage
+    return {f"{name.replace('/', '_')}_steps": n for name, n in steps.items()} if len(steps) > 1 else {}
 
 
 def job(cfg: DictConfig) -> float | None:

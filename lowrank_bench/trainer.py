@@ -1,5 +1,9 @@
-"""The training loop: seeded, epochs or max steps, gradient accumulation, periodic evaluation, bf16/fp16 autocast on
-CUDA, a rich progress bar. `BilevelTrainer` (bilevel.py) reuses everything here and replaces `train_step`.
+"""The training loop, over stages (stages.py): seeded, epochs or max steps, gradient accumulation, periodic
+evaluation, bf16/fp16 autocast on CUDA, rich progress per stage.
+
+Each stage puts its parameters in training (everything else frozen), builds its step rule (`SingleLevel` here,
+`BiLevel` in bilevel.py) and runs the same loop: step, log, evaluate every `eval_every` steps and at the stage's
+end; then the stage-end hooks (a continual run re-evaluates every task seen so far there).
 """
 from __future__ import annotations
 
@@ -10,56 +14,17 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError
-from lowrank_bench.results import MemoryMonitor
-
-console = Console(stderr=True)
-
-
-# -- optimisation -----------------------------------------------------------------------------------------------
-def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return max(0.0, 1.0 - progress)  # linear decay to zero
-
-
-def make_optimizer(params: list[torch.nn.Parameter], cfg, total_steps: int):
-    """AdamW (decay on matrices only) with linear warmup and a linear/cosine/constant schedule."""
-    if not params:
-        raise LrbenchError("no trainable parameters for an optimizer: check method.targets and model.head_modules")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    wd_1d = cfg.weight_decay if cfg.get("decay_vectors", False) else 0.0
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": wd_1d}) if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    warmup = cfg.warmup_steps if cfg.get("warmup_steps") is not None else int(cfg.warmup_ratio * total_steps)
-    schedule = cfg.get("schedule", "linear")
-    if schedule not in ("linear", "cosine", "constant"):
-        raise LrbenchError(f"optimizer.schedule={schedule!r}; valid: constant, cosine, linear")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_lambda, warmup=warmup, total=total_steps, schedule=schedule))
-    return optimizer, scheduler
-
-
-def endless(loader):
-    """Cycle a DataLoader forever; each pass reshuffles from the loader's seeded generator."""
-    epoch = 0
-    while True:
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1
-
+from lowrank_bench.memory import MemoryMonitor
+from lowrank_bench.optim import endless, make_optimizer
+from lowrank_bench.stages import Stage, unique
+from lowrank_bench.tasks.base import Task
 
 # -- devices and precision --------------------------------------------------------------------------------------
 def pick_device(name: str) -> torch.device:
@@ -88,131 +53,192 @@ class History:
     train_steps: int = 0
     train_seconds: float = 0.0  # optimisation only, evaluation excluded
     samples: int = 0
+    steps_per_stage: dict[str, int] = field(default_factory=dict)
+
+
+# -- the single-level step rule ---------------------------------------------------------------------------------
+class SingleLevel:
+    """One optimiser step of every trainable parameter of the stage over `grad_accum` micro-batches."""
+
+    def __init__(self, loop: "Trainer", stage: Stage):
+        self.loop, self.task, self.params = loop, stage.task, stage.params
+        train = stage.task.train_examples()
+        self.total_steps = loop.steps_for(len(train), stage.task, stage.epochs, stage.max_steps)
+        self.batches = endless(loop.loader(train, stage.task))
+        self.optimizer, self.scheduler = make_optimizer(self.params, stage.optimizer, self.total_steps)
+
+    def step(self) -> dict[str, torch.Tensor]:
+        loss, samples, _ = self.loop.accumulate(self.batches, self.task)
+        self.loop.optimizer_step(self.optimizer, self.params)
+        self.scheduler.step()
+        self.loop.history.samples += samples
+        return {"loss": loss}
+
+    def lrs(self) -> dict[str, float]:
+        return {"lr": self.optimizer.param_groups[0]["lr"]}
+
+    def summary(self) -> dict:
+        return {}
+
+
+def step_rule(loop: "Trainer", stage: Stage):
+    if stage.bilevel is None:
+        return SingleLevel(loop, stage)
+    from lowrank_bench.bilevel import BiLevel
+
+    return BiLevel(loop, stage)
+
+
+# -- the loop ---------------------------------------------------------------------------------------------------
+StageHook = Callable[[int, Stage, dict], None]
 
 
 class Trainer:
-    """Single-level training of every trainable parameter on the task's training split."""
+    """Runs a list of stages on one model; `trainer` is the `trainer` config group."""
 
-    def __init__(self, cfg, model, task, method, groups: dict[str, list], run_dir: Path, log=None):
-        self.cfg, self.model, self.task, self.method, self.groups = cfg, model, task, method, groups
-        self.run_dir, self.log = run_dir, log
-        tc = cfg.trainer
-        self.device = pick_device(tc.device)
-        self.precision, self.autocast = autocast_for(self.device, tc.precision)
+    def __init__(self, trainer, model, method, run_dir: Path, seed: int, log=None,
+                 activate_head: Callable[[str], None] | None = None):
+        self.tc, self.model, self.method, self.run_dir, self.log = trainer, model, method, run_dir, log
+        self.device = pick_device(trainer.device)
+        self.precision, self.autocast = autocast_for(self.device, trainer.precision)
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
         self.model.to(self.device)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(seed)  # one data order for the whole run, stage after stage
+        self.activate_head = activate_head
+        self.stage_end_hooks: list[StageHook] = []
         self.optimizer_steps = 0
-        self.setup()
-        self.method.on_train_start(self.total_steps)
+        self.epoch = 0
+        self.history = History()
+        self.memory = MemoryMonitor(self.device)
+        self.extras: dict = {}
+        self.snapshots: dict[str, list[torch.Tensor]] = {}
 
-    # -- set-up; BilevelTrainer overrides this ------------------------------------------------------------------
-    def setup(self) -> None:
-        train = self.task.splits[self.task.train_split]
-        self.total_steps = self.steps_for(len(train))
-        self.batches = endless(self.loader(train))
-        self.params = [p for group in self.groups.values() for p in group]
-        self.optimizer, self.scheduler = make_optimizer(self.params, self.cfg.optimizer, self.total_steps)
+    # -- data and steps -----------------------------------------------------------------------------------------
+    def loader(self, examples: list[dict], task: Task):
+        return torch.utils.data.DataLoader(examples, batch_size=self.tc.batch_size, shuffle=True,
+                                           collate_fn=task.collate, generator=self.generator)
 
-    def loader(self, examples: list[dict]):
-        return torch.utils.data.DataLoader(examples, batch_size=self.cfg.trainer.batch_size, shuffle=True,
-                                           collate_fn=self.task.collate, generator=self.generator)
-
-    def steps_for(self, n_examples: int) -> int:
-        tc = self.cfg.trainer
-        if tc.get("max_steps"):
-            return int(tc.max_steps)
+    def steps_for(self, n_examples: int, task: Task, epochs: float, max_steps: int | None) -> int:
+        """Optimiser steps of a stage: `max_steps`, or `epochs` passes over `n_examples`."""
+        if max_steps:
+            return int(max_steps)
         if n_examples == 0:
-            raise LrbenchError(f"task {self.task.name} has an empty training split")
-        return max(1, math.ceil(n_examples / (tc.batch_size * tc.grad_accum)) * int(tc.epochs))
+            raise LrbenchError(f"task {task.name} has an empty training split")
+        return max(1, math.ceil(n_examples / (self.tc.batch_size * self.tc.grad_accum)) * int(epochs))
 
-    # -- one optimisation step ----------------------------------------------------------------------------------
     def next_batch(self, batches) -> dict:
         self.epoch, batch = next(batches)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def loss_on(self, batch: dict) -> torch.Tensor:
+    def loss_on(self, task: Task, batch: dict) -> torch.Tensor:
         """The training loss of a batch plus the method's regulariser (BiDoRA's, BiLoRA's lower level's)."""
         with self.autocast():
-            loss = self.task.loss(self.model, batch)
+            loss = task.loss(self.model, batch)
             reg = self.method.regularizer(self.model)
         return loss if reg is None else loss + reg
 
-    def accumulate(self, batches, accum: int) -> tuple[torch.Tensor, int]:
-        """Forward/backward over `accum` micro-batches; returns the mean loss (a tensor, not synced) and samples."""
+    def accumulate(self, batches, task: Task, accum: int | None = None) -> tuple[torch.Tensor, int, dict]:
+        """Forward/backward over `accum` micro-batches; the mean loss (a tensor, not synced), the number of samples
+        and the last micro-batch (the bi-level rule's finite difference reuses it)."""
+        accum = accum or self.tc.grad_accum
         total, samples = 0.0, 0
         for _ in range(accum):
             batch = self.next_batch(batches)
-            loss = self.loss_on(batch)
+            loss = self.loss_on(task, batch)
             self.scaler.scale(loss / accum).backward()
             total = total + loss.detach() / accum
-            samples += batch["input_ids"].shape[0]
-        return total, samples
+            samples += task.batch_size_of(batch)
+        return total, samples, batch
 
     def optimizer_step(self, optimizer, params) -> None:
-        if self.cfg.trainer.max_grad_norm:
+        if self.tc.max_grad_norm:
             self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, self.tc.max_grad_norm)
         self.scaler.step(optimizer)
         self.scaler.update()
         self.optimizer_steps += 1
         self.method.after_optimizer_step(self.optimizer_steps)
         optimizer.zero_grad(set_to_none=True)
 
-    def train_step(self) -> dict[str, torch.Tensor]:
-        loss, samples = self.accumulate(self.batches, self.cfg.trainer.grad_accum)
-        self.optimizer_step(self.optimizer, self.params)
-        self.scheduler.step()
-        self.history.samples += samples
-        return {"loss": loss}
+    # -- stages -------------------------------------------------------------------------------------------------
+    def run(self, stages: list[Stage]) -> History:
+        self.stages = stages
+        trained_somewhere = unique(p for stage in stages for p in stage.params)
+        self.model.train()
+        with self.memory, self.progress() as progress:
+            for index, stage in enumerate(stages):
+                self.start(stage, trained_somewhere)
+                record = self.run_stage(stage, progress)
+                for hook in self.stage_end_hooks:
+                    hook(index, stage, record)
+        return self.history
 
-    def lrs(self) -> dict[str, float]:
-        return {"lr": self.optimizer.param_groups[0]["lr"]}
+    def start(self, stage: Stage, trained_somewhere: list[torch.nn.Parameter]) -> None:
+        """Put the stage's parameters in training and freeze the others; restore what the stage restarts from."""
+        if self.activate_head and stage.head:
+            self.activate_head(stage.head)
+        training = {id(p) for p in stage.params}
+        for p in trained_somewhere:
+            p.requires_grad_(id(p) in training)
+        if stage.snapshot:
+            self.snapshots[stage.name] = [p.detach().clone() for p in stage.snapshot]
+        if stage.restore_from:
+            source = next(s for s in self.stages if s.name == stage.restore_from)
+            with torch.no_grad():
+                for p, value in zip(source.snapshot, self.snapshots[stage.restore_from]):
+                    p.copy_(value)
 
-    # -- the loop -----------------------------------------------------------------------------------------------
-    def evaluate(self, step: int, logs: dict) -> dict:
-        tc = self.cfg.trainer
-        metrics = self.task.evaluate_all(self.model, batch_size=tc.eval_batch_size, device=self.device,
-                                         autocast=self.autocast)
-        record = {"step": step, "epoch": self.epoch, **self.record_extras(), **{f"train_{k}": v for k, v in logs.items()},
-                  **metrics}
+    def run_stage(self, stage: Stage, progress: Progress) -> dict:
+        rule = step_rule(self, stage)
+        self.method.on_train_start(rule.total_steps)
+        total = rule.total_steps
+        eval_every = self.tc.eval_every or total
+        logs: dict[str, float] = {}
+        record: dict = {}
+        bar = progress.add_task(f"{self.method.name} · {stage.name}", total=total, info="")
+        start, stage_seconds, stage_samples = time.perf_counter(), 0.0, self.history.samples
+        for step in range(1, total + 1):
+            raw = rule.step()
+            if step % self.tc.log_every == 0 or step % eval_every == 0 or step == total:
+                logs = {k: float(v) for k, v in raw.items()}  # the only host sync of the loop
+                self.sync()
+                elapsed = stage_seconds + time.perf_counter() - start
+                rate = (self.history.samples - stage_samples) / max(elapsed, 1e-9)
+                lrs = " ".join(f"{k}={v:.2e}" for k, v in rule.lrs().items())
+                info = " ".join(f"{k}={v:.4f}" for k, v in logs.items())
+                progress.update(bar, info=f"{info} {lrs} {rate:.1f} samples/s")
+            progress.advance(bar)
+            if step % eval_every == 0 or step == total:
+                self.sync()
+                seconds = time.perf_counter() - start
+                stage_seconds += seconds
+                self.history.train_seconds += seconds
+                self.history.train_steps += step - self.history.steps_per_stage.get(stage.name, 0)
+                self.history.steps_per_stage[stage.name] = step
+                record = self.evaluate(stage, logs)
+                progress.console.print(self.format_eval(record))
+                start = time.perf_counter()
+        self.extras.update(rule.summary())
+        return record
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    def evaluate_task(self, task: Task) -> dict:
+        return task.evaluate_all(self.model, batch_size=self.tc.eval_batch_size, device=self.device,
+                                 autocast=self.autocast)
+
+    def evaluate(self, stage: Stage, logs: dict) -> dict:
+        metrics = self.evaluate_task(stage.task)
+        record = {"step": self.history.train_steps, "epoch": self.epoch, "stage": stage.name,
+                  **{f"train_{k}": v for k, v in logs.items()}, **metrics}
         self.history.evals.append(record)
+        self.write_record(record)
+        return record
+
+    def write_record(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.log:
-            self.log(record, step)
-        return record
-
-    def fit(self) -> History:
-        self.history = History()
-        self.epoch = 0
-        tc = self.cfg.trainer
-        eval_every = tc.eval_every or self.total_steps
-        self.model.train()
-        logs: dict[str, float] = {}
-        self.memory = MemoryMonitor(self.device)
-        with self.memory, self.progress() as progress:
-            bar = progress.add_task(f"{self.method.name} · {self.task.name}", total=self.total_steps, info="")
-            start = time.perf_counter()
-            for step in range(1, self.total_steps + 1):
-                raw = self.train_step()
-                if step % tc.log_every == 0 or step % eval_every == 0 or step == self.total_steps:
-                    logs = {k: float(v) for k, v in raw.items()}  # the only host sync of the loop
-                    self.sync()
-                    elapsed = time.perf_counter() - start
-                    rate = self.history.samples / max(elapsed + self.history.train_seconds, 1e-9)
-                    info = " ".join(f"{k}={v:.4f}" for k, v in logs.items())
-                    lrs = " ".join(f"{k}={v:.2e}" for k, v in self.lrs().items())
-                    progress.update(bar, info=f"{info} {lrs} {rate:.1f} samples/s")
-                progress.advance(bar)
-                if step % eval_every == 0 or step == self.total_steps:
-                    self.sync()
-                    self.history.train_seconds += time.perf_counter() - start
-                    self.history.train_steps = step
-                    record = self.evaluate(step, logs)
-                    progress.console.print(self.format_eval(record))
-                    start = time.perf_counter()
-        return self.history
+            self.log(record, self.history.train_steps)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -221,16 +247,9 @@ class Trainer:
     def progress(self) -> Progress:
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                        console=console, disable=not self.cfg.trainer.progress)
+                        console=console, disable=not self.tc.progress)
 
-    def format_eval(self, record: dict) -> str:
+    @staticmethod
+    def format_eval(record: dict) -> str:
         shown = {k: v for k, v in record.items() if k != "epoch"}
         return "eval " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
-
-    def record_extras(self) -> dict:
-        """Fields added to every evaluation record (the bi-level trainer adds its phase)."""
-        return {}
-
-    def extra_summary(self) -> dict:
-        """Method-specific columns for the result row (the bi-level trainer adds split sizes and modes)."""
-        return {}

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowrank_bench.bilevel import BilevelTrainer, hypergradient, split_indices, use_eager_attention
+from lowrank_bench.bilevel import BiLevel, hypergradient, split_indices, use_eager_attention
+from lowrank_bench.stages import stages_for
+from lowrank_bench.trainer import Trainer
 from lowrank_bench.train import prepare
 from tests.conftest import compose_cfg
 
@@ -83,10 +85,14 @@ def test_split_is_seeded_disjoint_and_complete():
     assert split_indices(1000, 0.8, seed=1) != (lower, upper)
 
 
-def make_trainer(tmp_path, *overrides):
+def make_run(tmp_path, *overrides):
+    """A bi-level run's trainer and stages, as `run` builds them, without running them."""
     cfg = compose_cfg("model=tiny-roberta", "trainer.progress=false", *overrides)
     s = prepare(cfg)
-    return BilevelTrainer(cfg, s.model, s.task, s.method, s.groups, tmp_path), s
+    trainer = Trainer(cfg.trainer, s.model, s.method, tmp_path, cfg.seed)
+    stages = stages_for(s.task, s.method, s.groups, cfg.method, cfg.optimizer, cfg.trainer.epochs,
+                        cfg.trainer.max_steps, cfg.seed)
+    return trainer, stages, s
 
 
 def snapshot(params):
@@ -99,67 +105,73 @@ def changed(before, params):
 
 @pytest.mark.parametrize("method,upper_role", [("bidora", "magnitude"), ("bilora", "singular_values")])
 def test_each_level_updates_only_its_own_parameters(tmp_path, method, upper_role):
-    trainer, s = make_trainer(tmp_path, f"method={method}")
-    trainer.history = type("H", (), {"samples": 0})()
-    lower, upper = trainer.lower, trainer.upper
+    trainer, stages, s = make_run(tmp_path, f"method={method}")
+    rule = BiLevel(trainer, stages[0])
+    lower, upper = rule.lower, rule.upper
     assert {id(p) for p in upper} == {id(p) for p in s.groups[upper_role]}
     assert {id(p) for p in lower} == {id(p) for p in s.groups["adapter"] + s.groups["head"]}
     frozen = [p for p in s.model.parameters() if not p.requires_grad]
     frozen_before = snapshot(frozen)
     lo, up = snapshot(lower), snapshot(upper)
-    trainer.lower_step()
+    rule.lower_step()
     assert not any(changed(up, upper))
     assert any(changed(lo, lower))
     lo, up = snapshot(lower), snapshot(upper)
-    trainer.upper_step()
+    rule.upper_step()
     assert not any(changed(lo, lower))
     assert any(changed(up, upper))
     assert not any(changed(frozen_before, frozen))
 
 
 def test_split_sizes_are_saved_and_reported(tmp_path):
-    trainer, s = make_trainer(tmp_path, "method=bidora", "trainer.max_steps=2")
-    trainer.fit()
+    trainer, stages, s = make_run(tmp_path, "method=bidora", "trainer.max_steps=2")
+    trainer.run(stages)
     saved = json.loads((tmp_path / "bilevel_split.json").read_text())
     assert len(saved["lower"]) == 640 and len(saved["upper"]) == 160  # 80/20 of the toy task's 800
-    extra = trainer.extra_summary()
+    extra = trainer.extras
     assert extra["lower_size"] == 640 and extra["upper_size"] == 160 and extra["hypergradient"] == "darts"
     assert extra["lower_steps"] == 2 and extra["upper_steps"] == 2
 
 
 def test_t1_t2_alternation_counts(tmp_path):
-    trainer, _ = make_trainer(tmp_path, "method=bilora", "trainer.max_steps=3", "method.bilevel.lower_steps=2",
-                              "method.bilevel.upper_steps=1")
-    trainer.fit()
-    assert trainer.counts["lower_steps"] == 6 and trainer.counts["upper_steps"] == 3
+    trainer, stages, _ = make_run(tmp_path, "method=bilora", "trainer.max_steps=3", "method.bilevel.lower_steps=2",
+                                  "method.bilevel.upper_steps=1")
+    trainer.run(stages)
+    assert trainer.extras["lower_steps"] == 6 and trainer.extras["upper_steps"] == 3
 
 
 def test_retraining_restarts_direction_and_freezes_magnitudes(tmp_path):
-    trainer, s = make_trainer(tmp_path, "method=bidora", "trainer.max_steps=2", "method.retrain.enabled=true",
-                              "method.retrain.max_steps=3")
-    initial = snapshot(trainer.lower)
-    original_start = trainer.start_retraining
+    trainer, stages, s = make_run(tmp_path, "method=bidora", "trainer.max_steps=2", "method.retrain.enabled=true",
+                                  "method.retrain.max_steps=3")
+    assert [stage.name for stage in stages] == ["search", "retrain"]
+    lower, upper = stages[0].bilevel.lower, stages[0].bilevel.upper
+    assert {id(p) for p in stages[1].params} == {id(p) for p in lower}  # magnitudes are not retrained
+    initial = snapshot(lower)
     seen = {}
+    trainer.stage_end_hooks.append(lambda i, stage, record: seen.setdefault(stage.name, snapshot(upper)))
+    original_start = trainer.start
 
-    def spy(rc):
-        seen["magnitudes_after_search"] = snapshot(trainer.upper)
-        original_start(rc)
-        seen["lower_at_retrain_start"] = snapshot(trainer.lower)
+    def spy(stage, trained):
+        original_start(stage, trained)
+        if stage.name == "retrain":
+            seen["lower_at_retrain_start"] = snapshot(lower)
+            seen["upper_frozen"] = [not p.requires_grad for p in upper]
 
-    trainer.start_retraining = spy
-    history = trainer.fit()
+    trainer.start = spy
+    history = trainer.run(stages)
     assert all(torch.equal(a, b) for a, b in zip(seen["lower_at_retrain_start"], initial))
-    assert all(torch.equal(a, b) for a, b in zip(seen["magnitudes_after_search"], trainer.upper))
-    assert trainer.counts["retrain_steps"] == 3 and history.train_steps == 5
-    phases = [json.loads(l)["phase"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert phases == ["search", "retrain"]
+    assert all(seen["upper_frozen"])
+    assert all(torch.equal(a, b) for a, b in zip(seen["search"], upper))  # unchanged by retraining
+    assert history.steps_per_stage == {"search": 2, "retrain": 3} and history.train_steps == 5
+    stage_names = [json.loads(l)["stage"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert stage_names == ["search", "retrain"]
 
 
 def test_saved_adapter_keeps_the_frozen_magnitudes_after_retraining(tmp_path):
     from lowrank_bench.methods.base import adapter_state_dict
 
-    trainer, s = make_trainer(tmp_path, "method=bidora", "trainer.max_steps=1", "method.retrain.enabled=true",
-                              "method.retrain.max_steps=1")
-    trainer.fit()
+    trainer, stages, s = make_run(tmp_path, "method=bidora", "trainer.max_steps=1", "method.retrain.enabled=true",
+                                  "method.retrain.max_steps=1")
+    trainer.run(stages)
     state = adapter_state_dict(s.model)
     assert sum(k.endswith(".magnitude") for k in state) == len(s.groups["magnitude"])

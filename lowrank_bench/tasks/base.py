@@ -116,6 +116,13 @@ class Task:
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         return pad_batch(features, self.pad_id, label_pad=-100)
 
+    def train_examples(self) -> list[dict]:
+        return self.splits[self.train_split]
+
+    @staticmethod
+    def batch_size_of(batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0]
+
     # -- training and evaluation --------------------------------------------------------------------------------
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
