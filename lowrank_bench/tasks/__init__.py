@@ -7,7 +7,9 @@ from lowrank_bench.errors import LrbenchError, choices
 from lowrank_bench.tasks.base import Task
 
 REGISTRY = {
+    "amazon": "lowrank_bench.tasks.sentiment:AmazonReviews",
     "glue": "lowrank_bench.tasks.glue:GlueTask",
+    "sentiment140": "lowrank_bench.tasks.sentiment:Sentiment140",
     "toy": "lowrank_bench.tasks.toy:ToySentiment",
 }
 

@@ -1,0 +1,236 @@
+"""Binary sentiment sources for continual-learning sequences: Amazon product reviews and Sentiment140 tweets.
+
+Amazon reviews (Blitzer et al., 2007, multi-domain sentiment), one task per domain (`task=sentiment/amazon_books`,
+`sentiment/amazon_electronics`): local files only, `<folder>/{train,dev}.tsv` with the columns `sentence\tlabel`,
+where a review is its title, a newline and a tab, then its body, in a quoted field that spans several lines (read
+with pandas' default quoting). The folder is `task.data_dir`, else `$LRBENCH_DATA_DIR/sentiment/amazon-<domain>`;
+no Hub copy is relied on. Training reads `train.tsv`, evaluation (`validation`) reads `dev.tsv`; `test-labeled.tsv`
+is held out and never read.
+
+Sentiment140 (Go et al., 2009; `task=sentiment/sentiment140`): the Hub's `stanfordnlp/sentiment140` (columns
+`text`, `sentiment` in {0, 2, 4}; train 1.6M tweets labelled by emoticons, with no neutral ones; test 498
+hand-labelled, 139 of them neutral), or a local folder with `train.csv`/`test.csv` having `text` and `sentiment`
+columns. CURLoRA's protocol (arXiv 2408.14572) is the default: train on the *test* split with label
+`sentiment // 4` (neutral merged into negative), evaluate on the train split; `train_on`, `eval_on`, `eval_rows`
+and `label_map` in the YAML choose otherwise.
+
+Metric: accuracy, for both sources. The configured `num_labels` builds the head and must match the labels of the
+training data, so that a stage of a continual sequence never trains a head of the wrong size.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pandas as pd
+
+from lowrank_bench.errors import LrbenchError, choices
+from lowrank_bench.models import Head, hub_offline, hub_reachable, offline_message
+from lowrank_bench.tasks.base import ClassificationTask, Example, check_label, data_dir
+
+AMAZON_DOMAINS = ("books", "dvd", "electronics", "kitchen")  # Blitzer's four
+AMAZON_FILES = {"train": "train.tsv", "validation": "dev.tsv"}
+S140_HUB = "stanfordnlp/sentiment140"
+S140_SPLITS = ("train", "test")  # the source's splits, each a file `<split>.csv` in a local folder
+# raw `sentiment` value -> label (None: the row is left out)
+S140_LABEL_MAPS = {
+    "div4": {"0": 0, "2": 0, "4": 1},  # CURLoRA: sentiment // 4, neutral counted as negative
+    "drop_neutral": {"0": 0, "2": None, "4": 1},  # the usual binary Sentiment140: neutral tweets left out
+}
+S140_EVAL_ROWS = ("first", "seeded")
+
+
+# -- shared pieces ---------------------------------------------------------------------------------------------
+def option(cfg, key: str, valid) -> str:
+    value = cfg.get(key)
+    if value not in valid:
+        raise LrbenchError(f"task.{key}={value!r} is not one of: {choices(valid)}")
+    return value
+
+
+def read_table(path: Path, sep: str, columns: tuple[str, ...], nrows: int | None = None) -> pd.DataFrame:
+    """Every cell as a string, exactly as written: "NA" is a tweet, not a missing value."""
+    try:
+        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, nrows=nrows)
+    except pd.errors.EmptyDataError:
+        raise LrbenchError(f"{path}: empty file; expected a header with the columns {list(columns)}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise LrbenchError(f"{path}: malformed table ({err})") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise LrbenchError(f"{path}: malformed header, missing column(s) {missing}; found {list(frame.columns)}")
+    if frame.empty:
+        raise LrbenchError(f"{path}: no rows under the header")
+    return frame
+
+
+def line_of(path: Path, sep: str, row: int) -> int:
+    """The line where data row `row` (0-based) starts. Reviews span several lines, so the row index is not it;
+    computed only for an error message, by re-reading with the csv module (the same quoting as pandas')."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, delimiter=sep)
+        end, index = 0, -1  # the header is row -1
+        for record in reader:
+            start, end = end + 1, reader.line_num
+            if not record:  # a blank line, skipped by pandas too
+                continue
+            if index == row:
+                return start
+            index += 1
+    return end
+
+
+def label_ids(values: pd.Series, mapping: dict, where) -> list:
+    """Raw labels -> ids (None: a row to drop); the first malformed one raises, `where(row)` saying where it is."""
+    valid = values.isin(set(mapping))
+    if not valid.all():
+        row = int((~valid).to_numpy().argmax())
+        check_label(values.iloc[row], set(mapping), where(row))  # raises
+    return [mapping[v] for v in values]  # plain ints: pandas' map would make floats of them, next to a None
+
+
+def in_file(path: Path, sep: str):
+    return lambda row: f"{path}:{line_of(path, sep, row)} (row {row + 1})"
+
+
+def examples(texts, labels) -> list[Example]:
+    return [{"text": t, "text_pair": None, "label": y} for t, y in zip(texts, labels) if y is not None]
+
+
+def file_stats(paths) -> str:
+    return repr([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.is_file()])
+
+
+class SentimentTask(ClassificationTask):
+    """The head comes from `task.num_labels`, which the training data must agree with."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.name = cfg.name
+        self.metric = option(cfg, "metric", ("accuracy",))
+        self.num_labels = cfg.num_labels
+        self.head = Head("sequence_classification", self.num_labels)
+
+    def subsample(self, examples: list[dict], split: str) -> list[dict]:
+        # every split passes here in full, freshly encoded or read from the cache: the one place to check it
+        if split == self.train_split:
+            self.check_label_count(examples, split)
+        return super().subsample(examples, split)
+
+    def check_label_count(self, examples: list[dict], split: str) -> None:
+        found = sorted({e["labels"] for e in examples})
+        if found != list(range(self.num_labels)):
+            raise LrbenchError(f"{self.name}: stage label count does not match its data: task.num_labels="
+                               f"{self.num_labels} but its {split} data has {len(found)} label(s) {found}")
+
+
+# -- Amazon reviews ----------------------------------------------------------------------------------------------
+class AmazonReviews(SentimentTask):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.domain = option(cfg, "domain", AMAZON_DOMAINS)
+        self.folder = self.local_folder()
+
+    def local_folder(self) -> Path:
+        configured = self.cfg.get("data_dir")
+        if configured:
+            folder = Path(str(configured)).expanduser()
+            if not folder.is_dir():
+                raise LrbenchError(f"task.data_dir={configured}: no such folder (expected "
+                                   f"<data_dir>/{{{','.join(AMAZON_FILES.values())}}})")
+            return folder
+        shared = data_dir()
+        if shared and (shared / "sentiment" / f"amazon-{self.domain}").is_dir():
+            return shared / "sentiment" / f"amazon-{self.domain}"
+        raise LrbenchError(f"{self.name}: no local data, and no Hub copy is used for the Amazon reviews. Set "
+                           f"`task.data_dir=/path/to/amazon-{self.domain}` (a folder with "
+                           f"{', '.join(AMAZON_FILES.values())}) or LRBENCH_DATA_DIR (read from "
+                           f"$LRBENCH_DATA_DIR/sentiment/amazon-{self.domain})")
+
+    def file(self, split: str) -> Path:
+        path = self.folder / AMAZON_FILES[split]
+        if not path.is_file():
+            raise LrbenchError(f"missing data file {path} for {self.name} (split {split})")
+        return path
+
+    def source_id(self) -> str:
+        return file_stats(self.folder / name for name in AMAZON_FILES.values())
+
+    def raw_split(self, split: str) -> list[Example]:
+        path = self.file(split)
+        frame = read_table(path, "\t", ("sentence", "label"))
+        return examples(frame["sentence"], label_ids(frame["label"], {"0": 0, "1": 1}, in_file(path, "\t")))
+
+
+# -- Sentiment140 ------------------------------------------------------------------------------------------------
+class Sentiment140(SentimentTask):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.source = {"train": option(cfg, "train_on", S140_SPLITS), "validation": option(cfg, "eval_on", S140_SPLITS)}
+        if self.source["train"] == self.source["validation"]:
+            raise LrbenchError(f"task.train_on and task.eval_on are both {cfg.train_on!r}: evaluation would measure "
+                               f"the training data; choose different splits of: {choices(S140_SPLITS)}")
+        self.eval_rows = option(cfg, "eval_rows", S140_EVAL_ROWS)
+        self.label_map = S140_LABEL_MAPS[option(cfg, "label_map", S140_LABEL_MAPS)]
+        self.folder = self.local_folder()
+
+    def local_folder(self) -> Path | None:
+        configured = self.cfg.get("data_dir")
+        if configured:
+            folder = Path(str(configured)).expanduser()
+            if not folder.is_dir():
+                raise LrbenchError(f"task.data_dir={configured}: no such folder (expected "
+                                   f"<data_dir>/{{train,test}}.csv with the columns text, sentiment)")
+            return folder
+        shared = data_dir()
+        if shared and (shared / "sentiment" / "sentiment140").is_dir():
+            return shared / "sentiment" / "sentiment140"
+        return None
+
+    def rows(self, split: str) -> int | None:
+        """How many leading rows to read: `eval_rows: first` reads only the N evaluated, rather than tokenising
+        1.6M tweets to keep 1,000."""
+        if split != self.train_split and self.eval_rows == "first":
+            return self.cfg.get("max_eval_samples") or None
+        return None
+
+    def source_id(self) -> str:
+        where = S140_HUB if self.folder is None else file_stats(self.folder / f"{s}.csv" for s in S140_SPLITS)
+        splits = {split: (source, self.rows(split)) for split, source in self.source.items()}
+        return repr((where, self.cfg.get("hub_revision"), splits, self.cfg.label_map))
+
+    def raw_split(self, split: str) -> list[Example]:
+        return self.read_csv(split) if self.folder else self.read_hub(split)
+
+    def subsample(self, examples: list[dict], split: str) -> list[dict]:
+        limit = self.rows(split)
+        if limit:  # the first rows in file order, not the base class's seeded subset
+            return examples[:limit]
+        return super().subsample(examples, split)
+
+    # -- readers ----------------------------------------------------------------------------------------------
+    def read_csv(self, split: str) -> list[Example]:
+        path = self.folder / f"{self.source[split]}.csv"
+        if not path.is_file():
+            raise LrbenchError(f"missing data file {path} for {self.name} (split {split} reads {self.source[split]})")
+        frame = read_table(path, ",", ("text", "sentiment"), nrows=self.rows(split))
+        return examples(frame["text"], label_ids(frame["sentiment"], self.label_map, in_file(path, ",")))
+
+    def read_hub(self, split: str) -> list[Example]:
+        import datasets
+
+        source, limit = self.source[split], self.rows(split)
+        hub_split = f"{source}[:{limit}]" if limit else source
+        revision = self.cfg.get("hub_revision")
+        if hub_reachable():
+            ds = datasets.load_dataset(S140_HUB, split=hub_split, revision=revision)
+        else:
+            with hub_offline():  # a copy in the local HF cache still loads, without the client's retries
+                try:
+                    ds = datasets.load_dataset(S140_HUB, split=hub_split, revision=revision)
+                except Exception:
+                    raise LrbenchError(offline_message("Dataset", S140_HUB, "task.data_dir")
+                                       + "\nA Sentiment140 folder holds train.csv and test.csv with the columns text "
+                                       "and sentiment (0, 2 or 4).") from None
+        raw = pd.Series([str(v) for v in ds["sentiment"]])
+        return examples(ds["text"], label_ids(raw, self.label_map, lambda row: f"{S140_HUB} {source} row {row + 1}"))
