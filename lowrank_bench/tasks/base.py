@@ -17,15 +17,21 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from lowrank_bench import metrics
+from lowrank_bench import forgetting, metrics
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.models import Head
+from lowrank_bench.models import cache_dir as models_cache_dir
+
+#: the modules that make up a task's head, by head kind (whichever of them the model has)
+HEAD_MODULES = {"sequence_classification": ("classifier", "score"),
+                "token_classification": ("classifier", "score"),
+                "causal_lm": ()}
 
 Example = dict  # raw: {"text": str, "text_pair": str | None, "label": int | float}
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LRBENCH_CACHE_DIR", Path.home() / ".cache" / "lowrank_bench"))
+    return models_cache_dir()
 
 
 def data_dir() -> Path | None:
@@ -173,9 +179,15 @@ class ClassificationTask(Task):
         model.train(was_training)
         return preds, labels
 
-    def evaluate(self, model, split: str, batch_size: int = 64, device="cpu", autocast=None) -> dict[str, float]:
+    def evaluate(self, model, split: str, batch_size: int = 64, device="cpu", autocast=None) -> dict:
+        """The official metrics, and for classifiers the confusion matrix (rows: true labels) and whether every
+        prediction was the same class (`degenerate`: a constant predictor, whatever its accuracy)."""
         preds, labels = self.predict(model, split, batch_size, device, autocast or nullcontext)
-        return self.compute_metrics(preds, labels)
+        out = self.compute_metrics(preds, labels)
+        if not self.head.regression:
+            out["confusion"] = forgetting.confusion(preds, labels, self.head.num_labels)
+            out["degenerate"] = forgetting.is_degenerate(preds)
+        return out
 
     def compute_metrics(self, preds: list, labels: list) -> dict[str, float]:
         return {"accuracy": metrics.accuracy(preds, labels)}

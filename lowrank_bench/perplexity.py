@@ -1,0 +1,210 @@
+"""Perplexity of a causal language model on a text corpus: the forgetting probe of continual-learning runs.
+
+For scored tokens t (each predicted from the tokens to its left inside its window):
+
+    NLL = 1/n * sum_t -log p(x_t | window context),   perplexity = exp(NLL),   n = number of scored tokens
+
+Two modes; the mode also picks how the text is turned into tokens (`corpus_ids`):
+- `strided` (protocol `standard`: the text as is), the sliding window of the Hugging Face guide "Perplexity of
+  fixed-length models": windows of at most `context` tokens start every `stride` tokens, and a window scores only
+  the tokens that no earlier window scored; the rest of it is context (label -100). With stride < context every
+  token after the first is scored exactly once (n = N - 1). With stride == context the windows are disjoint and
+  the first token of each window has no left context, so it is never scored (n = N - number of windows).
+- `single_window` (protocol `curlora`), CURLoRA's measure (Fawi, arXiv 2408.14572; `calculate_perplexity` in the
+  released code): one forward pass over the first `max_tokens` tokens (10,000 there), n = min(N, max_tokens) - 1.
+
+Differences from the reference code, on purpose:
+- The NLL is summed here from float32 log-probabilities over exactly the tokens scored; the guide's
+  `loss * trg_len` counts one token too many in the first window (its first token cannot be scored).
+- No special tokens are added (`add_special_tokens=False`): a corpus is one stream, not a sentence. CURLoRA's
+  code tokenises with the default, which prepends a BOS token for Llama/Mistral tokenizers (none for GPT-2), so
+  there its first scored token is predicted from BOS; here from the first text token.
+- The corpus here is a text file, not the `datasets` rows of wikitext-2-raw-v1 (test split) that CURLoRA reads.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from pathlib import Path
+
+import torch
+
+from lowrank_bench.errors import LrbenchError, choices
+
+MODES = {"strided": "standard", "single_window": "curlora"}  # mode -> text protocol
+PROTOCOLS = ("standard", "curlora")
+DEFAULT_MAX_CONTEXT = 1024
+
+
+# -- text ---------------------------------------------------------------------------------------------------------
+def read_corpus(path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise LrbenchError(f"perplexity corpus {path} does not exist (or is not a file); give the path of a UTF-8 "
+                           "text file, e.g. $LRBENCH_DATA_DIR/wikitext-2/valid.txt")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise LrbenchError(f"perplexity corpus {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                           "convert it, e.g. iconv -t UTF-8") from None
+    if not text.strip():
+        raise LrbenchError(f"perplexity corpus {path} is empty (nothing but whitespace); give a file with text")
+    return text
+
+
+def curlora_text(text: str) -> str:
+    """CURLoRA's corpus string: `"".join(s for s in rows if s != "")` over the wikitext rows of `datasets`. Its
+    loader turns blank lines into "" and keeps every other line *with* its trailing newline, so the result is the
+    file without its blank lines, newlines kept."""
+    lines = io.StringIO(text, newline="\n")  # lines end at "\n" only, as Python reads the text file
+    return "".join(line for line in lines if line.strip())
+
+
+def corpus_ids(tokenizer, text: str, protocol: str = "standard") -> torch.Tensor:
+    """The corpus as one 1-D LongTensor of token ids, with no special tokens added (no BOS/EOS).
+
+    protocol `standard`: the text as is; `curlora`: blank lines dropped first (`curlora_text`)."""
+    if protocol not in PROTOCOLS:
+        raise LrbenchError(f"perplexity protocol={protocol!r}; valid: {choices(PROTOCOLS)}")
+    if protocol == "curlora":
+        text = curlora_text(text)
+    # verbose=False: the corpus is longer than the tokenizer's model_max_length on purpose; windows come later
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.as_tensor(ids, dtype=torch.long)
+
+
+# -- scoring ------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode (no dropout) and no autograd inside; the caller's training mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def as_sequence(input_ids) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise LrbenchError(f"perplexity input_ids of shape {tuple(ids.shape)}; give one sequence: (N,) or (1, N)")
+    if ids.numel() < 2:
+        raise LrbenchError(f"perplexity corpus has {ids.numel()} token(s); at least 2 are needed (one to predict "
+                           "from, one to score): give a longer text")
+    return ids
+
+
+def window_nll(model, window: torch.Tensor, first_scored: int, device, autocast) -> float:
+    """Sum of -log p(window[t] | window[:t]) for t in [first_scored, len(window)), with first_scored >= 1."""
+    window = window.to(device)
+    with autocast():
+        logits = model(input_ids=window[None]).logits[0]
+    # the logits at position t - 1 predict token t; upcast before the softmax so that bf16/fp16 runs stay exact
+    log_probs = logits[first_scored - 1:-1].float().log_softmax(-1)
+    token_log_probs = log_probs.gather(-1, window[first_scored:, None])
+    return -token_log_probs.double().sum().item()  # float64 total: a corpus has 10^5+ terms
+
+
+def result(total_nll: float, n_scored: int) -> dict:
+    nll = total_nll / n_scored
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": n_scored}
+
+
+def strided_perplexity(model, input_ids, context: int, stride: int, device="cpu",
+                       autocast=contextlib.nullcontext) -> dict:
+    """Sliding-window perplexity (module docstring). `input_ids` (N,) or (1, N) may stay on the CPU: each window
+    is moved to `device`, where the model must already be."""
+    if context < 2:
+        raise LrbenchError(f"perplexity.context={context}; a window needs at least 2 tokens: choose context >= 2")
+    if not 1 <= stride <= context:
+        raise LrbenchError(f"perplexity.stride={stride} with perplexity.context={context}; windows would skip "
+                           f"tokens: choose 1 <= stride <= {context} (context // 2 = {context // 2} is usual)")
+    ids = as_sequence(input_ids)
+    n_tokens = len(ids)
+    total_nll, n_scored, scored_until = 0.0, 0, 0
+    with evaluating(model):
+        for begin in range(0, n_tokens, stride):
+            end = min(begin + context, n_tokens)
+            # tokens before `scored_until` were scored by an earlier window; position 0 of a window never can be
+            first_scored = max(scored_until - begin, 1)
+            total_nll += window_nll(model, ids[begin:end], first_scored, device, autocast)
+            n_scored += end - begin - first_scored
+            scored_until = end
+            if end == n_tokens:
+                break
+    return result(total_nll, n_scored)
+
+
+def single_window_perplexity(model, input_ids, max_tokens: int = 10000, device="cpu",
+                             autocast=contextlib.nullcontext) -> dict:
+    """CURLoRA's perplexity: one forward pass over the first `max_tokens` tokens, exp(mean NLL)."""
+    if max_tokens < 2:
+        raise LrbenchError(f"perplexity.max_tokens={max_tokens}; at least 2 tokens are needed: choose >= 2")
+    ids = as_sequence(input_ids)[:max_tokens]
+    with evaluating(model):
+        total_nll = window_nll(model, ids, 1, device, autocast)
+    return result(total_nll, len(ids) - 1)
+
+
+# -- entry point --------------------------------------------------------------------------------------------------
+def model_positions(model) -> int | None:
+    """The longest input the model's position embeddings allow, when its config says."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def default_context(model) -> int:
+    """The model's maximum positions, capped at DEFAULT_MAX_CONTEXT (1024, GPT-2's, the guide's setting); long-
+    context models would otherwise make one window cost minutes."""
+    positions = model_positions(model)
+    return min(positions, DEFAULT_MAX_CONTEXT) if positions else DEFAULT_MAX_CONTEXT
+
+
+def perplexity(model, tokenizer, text: str, mode: str = "strided", context: int | None = None,
+               stride: int | None = None, max_tokens: int = 10000, device="cpu",
+               autocast=contextlib.nullcontext, corpus_tokens: int | None = None) -> dict:
+    """Perplexity of `model` on `text`: {"perplexity", "nll", "tokens"}. See `score`."""
+    if mode not in MODES:
+        raise LrbenchError(f"perplexity.mode={mode!r}; valid: {choices(MODES)}")
+    return score(model, corpus_ids(tokenizer, text, MODES[mode]), mode, context, stride, max_tokens, device,
+                 autocast, corpus_tokens)
+
+
+def score(model, ids: torch.Tensor, mode: str = "strided", context: int | None = None, stride: int | None = None,
+          max_tokens: int = 10000, device="cpu", autocast=contextlib.nullcontext,
+          corpus_tokens: int | None = None) -> dict:
+    """Perplexity of `model` on token ids made by `corpus_ids` with the protocol of `mode` (tokenise once, score
+    many times).
+
+    mode `strided` (protocol `standard`): context=None is the model's maximum positions capped at 1024, stride=None
+    is context // 2; `corpus_tokens` scores only the first N tokens (a CPU budget; None = the whole corpus).
+    mode `single_window` (protocol `curlora`) scores the first `max_tokens` tokens (context and stride unused)."""
+    if mode not in MODES:
+        raise LrbenchError(f"perplexity.mode={mode!r}; valid: {choices(MODES)}")
+    positions = model_positions(model)
+    if mode == "single_window":
+        window = min(max_tokens, len(ids))
+        if positions is not None and window > positions:
+            raise LrbenchError(f"perplexity.max_tokens={max_tokens}: one window of {window} tokens exceeds the "
+                               f"model's {positions} positions; set perplexity.max_tokens <= {positions} or use "
+                               "perplexity.mode=strided")
+        return single_window_perplexity(model, ids, max_tokens, device, autocast)
+    if corpus_tokens is not None:
+        if corpus_tokens < 2:
+            raise LrbenchError(f"perplexity.corpus_tokens={corpus_tokens}: score at least 2 tokens (or null: all)")
+        ids = ids[:corpus_tokens]
+    context = default_context(model) if context is None else context
+    if positions is not None and context > positions:
+        raise LrbenchError(f"perplexity.context={context} exceeds the model's {positions} positions; choose "
+                           f"perplexity.context <= {positions} (or leave it unset)")
+    stride = context // 2 if stride is None else stride
+    return strided_perplexity(model, ids, context, stride, device, autocast)

@@ -1,0 +1,99 @@
+"""Continual-learning sequences: `task=continual/<name>` trains one task after another on the same adapter.
+
+A sequence YAML names its stages in order (`sequence`) and defines each (`stages.<name>`): the task config it
+reuses (`task: glue/mrpc`, any file under conf/task/) plus per-stage overrides. Overrides of the task itself
+(`max_train_samples`, `max_eval_samples`, `max_length`, `data_dir`, ...) go into that task's config; these go to
+the stage's budget and optimiser instead:
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lowrank_bench.errors import LrbenchError, choices
+from lowrank_bench.tasks.base import Task, data_dir
+
+TASK_CONF = Path(__file__).resolve().parents[2] / "conf" / "task"
+BUDGET_KEYS = ("epochs", "max_steps")
+OPTIMIZER_KEYS = ("lr", "schedule", "warmup_steps", "warmup_ratio", "weight_decay", "schedule_steps")
+__doc__ += f"    budget: {', '.join(BUDGET_KEYS)};  optimiser: {', '.join(OPTIMIZER_KEYS)}.\n" + """
+`every_stage.<key>` overrides a key in every stage (from the command line: `task.every_stage.max_train_samples=200`;
+one stage: `+task.stages.mrpc.max_eval_samples=100`). `protocol` picks a named set of extra overrides from `protocols.<name>` (`'*'` applies to every stage), e.g. the
+CURLoRA notebooks' never-ending warmup (`task=continual/curlora task.protocol=notebook`).
+Perplexity of the language model is measured before the first stage and after each one (`perplexity.*`).
+"""
+
+
+def available_tasks() -> list[str]:
+    return sorted(p.relative_to(TASK_CONF).with_suffix("").as_posix() for p in TASK_CONF.rglob("*.yaml")
+                  if p.parent.name != "continual")
+
+
+@dataclass
+class StagePlan:
+    """One stage of a sequence: its task (built, not yet tokenised) and what it overrides."""
+
+    name: str
+    task: Task
+    budget: dict
+    optimizer: dict
+
+
+class ContinualTask:
+    """A sequence of tasks; `build` makes each stage's task through the task registry."""
+
+    family = "continual"
+
+    def __init__(self, cfg: DictConfig, build):
+        self.cfg = cfg
+        self.name = cfg.name
+        sequence = list(cfg.get("sequence") or [])
+        if not sequence:
+            raise LrbenchError(f"task {cfg.name}: empty sequence; give task.sequence=[stage, ...] "
+                               f"from the defined stages: {choices(cfg.get('stages') or {})}")
+        defined = cfg.get("stages") or {}
+        unknown = [s for s in sequence if s not in defined]
+        if unknown:
+            raise LrbenchError(f"task.sequence names unknown stage(s) {unknown}; defined stages: {choices(defined)}")
+        if len(set(sequence)) != len(sequence):
+            raise LrbenchError(f"task.sequence={sequence} repeats a stage; each stage keeps its own head")
+        protocol = cfg.get("protocol") or "paper"
+        protocols = cfg.get("protocols") or {"paper": {}}
+        if protocol not in protocols:
+            raise LrbenchError(f"task.protocol={protocol!r}; valid: {choices(protocols)}")
+        extra = protocols[protocol] or {}
+        every = {k: v for k, v in (cfg.get("every_stage") or {}).items() if v is not None}
+        plain = lambda c: OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else (c or {})  # noqa: E731
+        self.plans = [self.plan(name, OmegaConf.merge(plain(defined[name]), plain(extra.get("*")),
+                                                      plain(extra.get(name)), every), build) for name in sequence]
+
+    def plan(self, name: str, settings: DictConfig, build) -> StagePlan:
+        task_name = settings.get("task")
+        if task_name not in available_tasks():
+            raise LrbenchError(f"stage '{name}' of {self.name}: unknown task {task_name!r}; "
+                               f"valid: {choices(available_tasks())}")
+        overrides = OmegaConf.to_container(settings, resolve=True)
+        overrides.pop("task")
+        budget = {k: overrides.pop(k) for k in BUDGET_KEYS if k in overrides}
+        optimizer = {k: overrides.pop(k) for k in OPTIMIZER_KEYS if k in overrides}
+        task_cfg = OmegaConf.merge(OmegaConf.load(TASK_CONF / f"{task_name}.yaml"), overrides)
+        return StagePlan(name, build(task_cfg), budget, optimizer)
+
+    @property
+    def tasks(self) -> list[Task]:
+        return [p.task for p in self.plans]
+
+    def perplexity_corpus(self) -> Path | None:
+        """The perplexity text file: `perplexity.corpus`, else WikiText-2 valid under $LRBENCH_DATA_DIR."""
+        pc = self.cfg.perplexity
+        if pc.mode == "none":
+            return None
+        if pc.get("corpus"):
+            return Path(str(pc.corpus)).expanduser()
+        shared = data_dir()
+        if shared is None:
+            raise LrbenchError("task.perplexity.corpus is not set and LRBENCH_DATA_DIR is unset: give "
+                               "task.perplexity.corpus=/path/to/wikitext-2/valid.txt, or task.perplexity.mode=none")
+        return shared / "wikitext-2" / "valid.txt"

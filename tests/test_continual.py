@@ -1,0 +1,221 @@
+"""Continual sequences: decoder classifiers that ignore padding, one head per task swapped back for re-evaluation,
+the accuracy matrix and its measures, perplexity between stages, every method at every stage, and bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowrank_bench import forgetting, perplexity
+from lowrank_bench.continual import ContinualRun
+from lowrank_bench.errors import LrbenchError
+from lowrank_bench.heads import CURLORA_HEAD_SEED, DecoderClassifier, HeadBank
+from lowrank_bench.models import Head, load_tokenizer
+from lowrank_bench.results import read_rows
+from lowrank_bench.train import build_model, plan_stages, prepare, run
+from lowrank_bench.trainer import Trainer
+from tests.conftest import compose_cfg, model_cfg
+from tests.test_cli import METHODS, lrbench
+
+TEXT = ("the quick brown fox jumps over the lazy dog . " * 3 + "a gripping , beautiful film about a dull plot .\n") * 4
+FAST = ["trainer.max_steps=2", "trainer.progress=false", "trainer.eval_batch_size=64"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def with_perplexity(corpus: Path) -> list[str]:
+    return ["task.perplexity.mode=strided", f"task.perplexity.corpus={corpus}", "task.perplexity.context=64"]
+
+
+# -- decoders as classifiers --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_decoder_logits_are_the_same_alone_and_in_a_padded_batch(name, side):
+    cfg = model_cfg(name)
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, Head("sequence_classification", 3), tokenizer.pad_token_id).eval()
+    assert isinstance(model, DecoderClassifier)
+    short, long = "a dull plot .", "the acting was weak and the ending never seemed to come at all ."
+    alone = [tokenizer(t, return_tensors="pt") for t in (short, long)]
+    tokenizer.padding_side = side
+    batch = tokenizer([short, long], padding=True, return_tensors="pt")
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]  # the short one is padded
+    with torch.no_grad():
+        batched = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for i, enc in enumerate(alone):
+            single = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            torch.testing.assert_close(batched[i], single[0], atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_classifier_reads_the_last_real_token_of_the_lm_hidden_states():
+    cfg = model_cfg("tiny-gpt2")
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, Head("sequence_classification", 2), tokenizer.pad_token_id).eval()
+    enc = tokenizer("a gripping , beautiful film .", return_tensors="pt", return_token_type_ids=False)
+    with torch.no_grad():
+        hidden = model.lm(**enc, output_hidden_states=True).hidden_states[-1]  # the LM head's input
+        expected = hidden[0, -1] @ model.score.weight.T
+        torch.testing.assert_close(model(**enc).logits[0], expected, atol=1e-6, rtol=1e-6)
+
+
+def test_curlora_heads_have_a_bias_and_the_notebooks_seed():
+    cfg = model_cfg("tiny-gpt2")
+    tokenizer = load_tokenizer(cfg)
+    model = build_model(cfg, Head("sequence_classification", 2), tokenizer.pad_token_id)
+    bank = HeadBank(model, "score", protocol="curlora")
+    first, second = bank.add("a", 2), bank.add("b", 2)
+    torch.manual_seed(CURLORA_HEAD_SEED)
+    reference = torch.nn.Linear(32, 2)
+    for params in (first, second):
+        assert [p.shape for p in params] == [(2, 32), (2,)]
+        assert torch.equal(params[0], reference.weight) and torch.equal(params[1], reference.bias)
+    bank.use("b")
+    assert model.score is model.task_heads["b"]
+
+
+# -- a whole sequence, step by step -------------------------------------------------------------------------------
+def build_sequence(tmp_path, *overrides):
+    cfg = compose_cfg("task=continual/toy", "model=tiny-gpt2", *FAST, *overrides)
+    s = prepare(cfg)
+    stages = plan_stages(cfg, s)
+    trainer = Trainer(cfg.trainer, s.model, s.method, tmp_path, cfg.seed, activate_head=s.bank.use)
+    sequence = ContinualRun(s.task, trainer, s.bank, s.tokenizer, cfg.task.perplexity, stages, tmp_path)
+    trainer.stage_end_hooks.append(sequence.after_stage)
+    return cfg, s, stages, trainer, sequence
+
+
+def test_old_heads_stay_frozen_and_are_swapped_back_to_re_evaluate_their_task(tmp_path, corpus):
+    cfg, s, stages, trainer, sequence = build_sequence(tmp_path, "trainer.max_steps=3", *with_perplexity(corpus))
+    assert [stage.name for stage in stages] == ["first", "second"]
+    first_head, second_head = s.task_heads["first"], s.task_heads["second"]
+    assert {id(p) for p in stages[1].params} == {id(p) for p in s.groups["adapter"] + second_head}
+    after_first = {}
+    trainer.stage_end_hooks.insert(0, lambda i, stage, record: after_first.setdefault(
+        stage.name, [p.detach().clone() for p in first_head + s.groups["adapter"]]))
+    sequence.before_first_stage()
+    trainer.run(stages)
+    saved = after_first["first"]
+    assert all(torch.equal(a, b) for a, b in zip(saved[: len(first_head)], first_head))  # frozen in stage 2
+    assert any(not torch.equal(a, b) for a, b in zip(saved[len(first_head):], s.groups["adapter"]))  # trained on
+    # R[1][0] is task 1 re-evaluated with its own head, after the adapter moved on
+    s.bank.use("first")
+    again = trainer.evaluate_task(s.task.plans[0].task)["accuracy"]
+    assert sequence.matrix.rows[1][0] == again
+    assert s.model.score is s.model.task_heads["first"]
+    assert len(sequence.perplexities) == 3 and all(p > 1 for p in sequence.perplexities)
+
+
+def test_perplexity_at_the_start_is_the_base_lms(tmp_path, corpus):
+    """The adapted LM (identity at initialisation) keeps its own LM head: its perplexity is the base model's."""
+    cfg, s, stages, trainer, sequence = build_sequence(tmp_path, "method=curlora", "task.head_protocol=curlora",
+                                                       *with_perplexity(corpus))
+    sequence.before_first_stage()
+    torch.manual_seed(cfg.seed)
+    base = build_model(cfg.model, Head("sequence_classification", 2), s.tokenizer.pad_token_id).lm
+    expected = perplexity.perplexity(base, s.tokenizer, TEXT, "strided", context=64)
+    assert sequence.perplexities[0] == pytest.approx(expected["perplexity"], rel=1e-6)
+
+
+def test_a_run_writes_the_matrix_its_measures_the_plot_and_one_row(tmp_path, corpus):
+    cfg = compose_cfg("task=continual/toy", "model=tiny-gpt2", "method=lora", *FAST, *with_perplexity(corpus))
+    csv_path = Path(os.environ["LRBENCH_RESULTS_CSV"])
+    before = len(read_rows(csv_path))
+    summary = run(cfg, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "after_stage" in r]
+    assert [(r["after_stage"], r["task"]) for r in evaluations] == [("first", "first"), ("second", "first"),
+                                                                     ("second", "second")]
+    assert all("confusion" in r and isinstance(r["degenerate"], bool) for r in evaluations)
+    R = [[evaluations[0]["accuracy"], None], [evaluations[1]["accuracy"], evaluations[2]["accuracy"]]]
+    with open(tmp_path / "accuracy_matrix.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["after_stage", "first", "second"] and len(rows) == 3
+    assert float(rows[2][1]) == R[1][0] and rows[1][2] == ""
+    assert summary["backward_transfer"] == pytest.approx(R[1][0] - R[0][0])
+    assert summary["final_average_accuracy"] == pytest.approx((R[1][0] + R[1][1]) / 2)
+    assert summary["ppl_before"] == [r for r in records if "perplexity_after" in r][0]["perplexity"]
+    assert (tmp_path / "forgetting.png").read_bytes()[:4] == b"\x89PNG"
+    # tiny-gpt2 (hidden 32), LoRA r=8 on the fused c_attn (32 -> 96), 2 layers; two bias-free heads of 32 x 2
+    assert summary["adapter_params"] == 2 * 8 * (32 + 96) and summary["head_params"] == 2 * 32 * 2
+    assert summary["trainable_params"] == summary["adapter_params"] + summary["head_params"]
+    rows = read_rows(csv_path)
+    assert len(rows) == before + 1 and rows[-1]["task"] == "continual/toy"
+    assert rows[-1]["metric"] == "final_average_accuracy" and rows[-1]["matrix_csv"].endswith("accuracy_matrix.csv")
+
+
+def test_an_encoder_gets_a_fresh_copy_of_its_classifier_per_task(tmp_path):
+    cfg, s, stages, trainer, sequence = build_sequence(tmp_path, "model=tiny-roberta")
+    first, second = s.model.task_heads["first"], s.model.task_heads["second"]
+    assert type(first) is type(second) and first is not second
+    assert not torch.equal(first.out_proj.weight, second.out_proj.weight)  # seeded apart
+    assert sequence.corpus_ids is None  # an encoder has no perplexity; nothing is asked of it here
+
+
+def test_every_method_runs_as_every_stage_of_a_sequence(tmp_path, corpus):
+    """Llama (nn.Linear projections): some PEFT tuners (LoHa) cannot adapt GPT-2's Conv1D."""
+    csv_path = tmp_path / "continual.csv"
+    result = lrbench("-m", f"method={','.join(METHODS)}", "model=tiny-llama", "task=continual/toy", *FAST,
+                     *with_perplexity(corpus), env={"LRBENCH_RESULTS_CSV": str(csv_path)}, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_rows(csv_path)
+    assert [r["method"] for r in rows] == METHODS
+    for row in rows:
+        assert row["first_steps"] and row["final_accuracy_first"] != "" and row["final_accuracy_second"] != ""
+        assert float(row["ppl_before"]) > 1 and float(row["ppl_after"]) > 1, row["method"]
+    bilevel = [r for r in rows if r["method"] in ("bidora", "bilora")]
+    assert bilevel and all(r["hypergradient"] == "darts" for r in bilevel)
+
+
+# -- bad input ----------------------------------------------------------------------------------------------------
+def amazon_folder(tmp_path) -> Path:
+    folder = tmp_path / "amazon"
+    folder.mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        (folder / name).write_text("sentence\tlabel\ngood book\t1\nbad book\t0\nfine\t1\n")
+    return folder
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["task.sequence=[]"], "empty sequence"),
+    (["task.sequence=[first,nope]"], "unknown stage(s) ['nope']"),
+    (["task.stages.first.task=glue/nope"], "unknown task 'glue/nope'"),
+    (["task.perplexity.mode=strided", "task.perplexity.corpus=/nonexistent/valid.txt"], "/nonexistent/valid.txt"),
+    (["task.perplexity.mode=strided", "task.perplexity.corpus={empty}"], "empty"),
+    (["task.sequence=[first,books]", "+task.stages.books={{task:sentiment/amazon_books,data_dir:{amazon},num_labels:3}}"],
+     "label count does not match its data"),
+])
+def test_bad_sequences_fail_before_training_without_a_row_or_a_folder(tmp_path, overrides, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    overrides = [o.format(empty=empty, amazon=amazon_folder(tmp_path)) if "{" in o else o for o in overrides]
+    cfg = compose_cfg("task=continual/toy", "model=tiny-gpt2", *FAST, *overrides)
+    csv_path = Path(os.environ["LRBENCH_RESULTS_CSV"])
+    before = len(read_rows(csv_path))
+    with pytest.raises(LrbenchError, match=None) as err:
+        run(cfg, tmp_path / "run")
+    assert message in str(err.value)
+    assert not (tmp_path / "run").exists() and len(read_rows(csv_path)) == before
+
+
+def test_a_bad_sequence_exits_with_code_2_and_one_line(tmp_path):
+    result = lrbench("task=continual/toy", "model=tiny-gpt2", "task.sequence=[first,nope]", *FAST,
+                     env={"LRBENCH_RESULTS_CSV": str(tmp_path / "x.csv")})
+    assert result.returncode == 2 and "unknown stage(s) ['nope']" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.csv").exists()
+
+
+def test_matrix_measures_agree_with_forgetting_definitions():
+    """The row's measures come from forgetting.py's definitions (tested there by hand)."""
+    R = [[0.8, None, None], [0.6, 0.9, None], [0.5, 0.7, 0.95]]
+    assert forgetting.backward_transfer(R) == pytest.approx(-0.25)
