@@ -112,7 +112,3 @@ class ContinualRun:
         out["degenerate_tasks"] = " ".join(degenerate)
         out["matrix_csv"] = str(self.run_dir / "accuracy_matrix.csv")
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
-
-    def check(self) -> None:
-        if any(plan.task.head.kind != "sequence_classification" for plan in self.sequence.plans):
-            raise LrbenchError(f"{self.sequence.name}: continual sequences hold classification tasks only")

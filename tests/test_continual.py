@@ -219,3 +219,16 @@ def test_matrix_measures_agree_with_forgetting_definitions():
     """The row's measures come from forgetting.py's definitions (tested there by hand)."""
     R = [[0.8, None, None], [0.6, 0.9, None], [0.5, 0.7, 0.95]]
     assert forgetting.backward_transfer(R) == pytest.approx(-0.25)
+
+
+@pytest.mark.slow
+def test_wandb_gets_the_matrix_as_a_table_and_the_plot_as_an_image(tmp_path):
+    result = lrbench("logger=wandb", "task=continual/toy", "model=tiny-roberta", *FAST,
+                     env={"LRBENCH_OUTPUT_DIR": str(tmp_path), "LRBENCH_RESULTS_CSV": str(tmp_path / "w.csv")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    logs = list(tmp_path.rglob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    content = logs[0].read_bytes()
+    assert b"accuracy_matrix" in content and b"forgetting_curve" in content and b"backward_transfer" in content
+    assert list(tmp_path.rglob("media/images/forgetting_curve*.png"))
+    assert list(tmp_path.rglob("media/table/accuracy_matrix*.table.json"))

@@ -2,8 +2,16 @@
 
 A sequence YAML names its stages in order (`sequence`) and defines each (`stages.<name>`): the task config it
 reuses (`task: glue/mrpc`, any file under conf/task/) plus per-stage overrides. Overrides of the task itself
-(`max_train_samples`, `max_eval_samples`, `max_length`, `data_dir`, ...) go into that task's config; these go to
-the stage's budget and optimiser instead:
+(`max_train_samples`, `max_eval_samples`, `max_length`, `data_dir`, ...) go into that task's config; `epochs` and
+`max_steps` go to the stage's budget; `lr`, `schedule`, `warmup_steps`, `warmup_ratio`, `weight_decay` and
+`schedule_steps` to its optimiser.
+
+`every_stage.<key>` overrides a key in every stage (from the command line: `task.every_stage.max_train_samples=200`;
+one stage: `+task.stages.mrpc.max_eval_samples=100`). `protocol` picks a named set of extra overrides from
+`protocols.<name>` (`'*'` applies to every stage), e.g. the CURLoRA notebooks' never-ending warmup
+(`task=continual/curlora task.protocol=notebook`). Precedence: the stage's definition, then the protocol's
+overrides, then `every_stage`. Perplexity of the language model is measured before the first stage and after each
+one (`perplexity.*`, see continual.py).
 """
 from __future__ import annotations
 
@@ -18,12 +26,6 @@ from lowrank_bench.tasks.base import Task, data_dir
 TASK_CONF = Path(__file__).resolve().parents[2] / "conf" / "task"
 BUDGET_KEYS = ("epochs", "max_steps")
 OPTIMIZER_KEYS = ("lr", "schedule", "warmup_steps", "warmup_ratio", "weight_decay", "schedule_steps")
-__doc__ += f"    budget: {', '.join(BUDGET_KEYS)};  optimiser: {', '.join(OPTIMIZER_KEYS)}.\n" + """
-`every_stage.<key>` overrides a key in every stage (from the command line: `task.every_stage.max_train_samples=200`;
-one stage: `+task.stages.mrpc.max_eval_samples=100`). `protocol` picks a named set of extra overrides from `protocols.<name>` (`'*'` applies to every stage), e.g. the
-CURLoRA notebooks' never-ending warmup (`task=continual/curlora task.protocol=notebook`).
-Perplexity of the language model is measured before the first stage and after each one (`perplexity.*`).
-"""
 
 
 def available_tasks() -> list[str]:
@@ -68,6 +70,10 @@ class ContinualTask:
         plain = lambda c: OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else (c or {})  # noqa: E731
         self.plans = [self.plan(name, OmegaConf.merge(plain(defined[name]), plain(extra.get("*")),
                                                       plain(extra.get(name)), every), build) for name in sequence]
+        not_classification = [p.name for p in self.plans if p.task.head.kind != "sequence_classification"]
+        if not_classification:
+            raise LrbenchError(f"{cfg.name}: stage(s) {not_classification} are not classification tasks; a "
+                               "continual sequence holds classification tasks (one head each)")
 
     def plan(self, name: str, settings: DictConfig, build) -> StagePlan:
         task_name = settings.get("task")
