@@ -93,7 +93,9 @@ def test_mnli_reports_matched_and_mismatched_separately(tmp_path):
     assert [r["label"] for r in task.raw_split("matched")] == [2, 0]
     task.prepare(tok, 32)
     metrics = task.evaluate_all(model, batch_size=8)
-    assert set(metrics) == {"matched_accuracy", "mismatched_accuracy"}
+    assert {k for k, v in metrics.items() if isinstance(v, float)} == {"matched_accuracy", "mismatched_accuracy"}
+    assert sum(map(sum, metrics["matched_confusion"])) == 2 and len(metrics["mismatched_confusion"]) == 3
+    assert {"matched_degenerate", "mismatched_degenerate"} <= set(metrics)
     assert metrics["matched_accuracy"] in (0.0, 0.5, 1.0) and metrics["mismatched_accuracy"] in (0.0, 1.0)
 
 
