@@ -161,7 +161,7 @@ def is_decoder(cfg: DictConfig) -> bool:
 
 
 def cache_dir() -> Path:
-    """Where derived files live; the same rule as `tasks.base.cache_dir`, which imports this module."""
+    """Where derived files live (tokenised splits, dequantised GGUF models): $LRBENCH_CACHE_DIR."""
     return Path(os.environ.get("LRBENCH_CACHE_DIR", Path.home() / ".cache" / "lowrank_bench"))
 
 
