@@ -107,6 +107,8 @@ class ContinualRun:
                "ppl_mode": self.settings.mode}
         for name in self.names:
             out[f"final_accuracy_{name}"] = self.matrix.rows[-1][self.names.index(name)]
+        for name, value in summary["forgetting"].items():
+            out[f"forgetting_{name}"] = value
         degenerate = [n for n, m in self.final.items() if m.get("degenerate")]
         out["degenerate"] = bool(degenerate)
         out["degenerate_tasks"] = " ".join(degenerate)
