@@ -67,7 +67,8 @@ def is_metric(key: str, value) -> bool:
 
 def best_and_last(evals: list[dict], metric: str) -> dict:
     """The best evaluation (by `metric`) and the last one, every metric of each; `degenerate` when the last
-    evaluation's classifier predicted a single class on any evaluation split."""
+    evaluation's classifier predicted a single class on any evaluation split; a metric that could not be computed
+    keeps its reason (`last_meteor_error`) instead of a number."""
     if not evals:
         raise RuntimeError("the run finished without an evaluation")
     best = max(evals, key=lambda r: r[metric])
@@ -75,6 +76,7 @@ def best_and_last(evals: list[dict], metric: str) -> dict:
     names = [k for k, v in last.items() if is_metric(k, v)]
     return {**{f"best_{k}": best[k] for k in names}, "best_step": best["step"],
             **{f"last_{k}": last[k] for k in names}, "last_step": last["step"],
+            **{f"last_{k}": v for k, v in last.items() if k.endswith("_error") and isinstance(v, str)},
             "degenerate": any(v for k, v in last.items() if k.endswith("degenerate"))}
 
 

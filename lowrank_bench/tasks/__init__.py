@@ -9,6 +9,7 @@ from lowrank_bench.tasks.base import Task
 REGISTRY = {
     "amazon": "lowrank_bench.tasks.sentiment:AmazonReviews",
     "continual": "lowrank_bench.tasks.continual:ContinualTask",  # a sequence of the others
+    "e2e": "lowrank_bench.tasks.e2e:E2ETask",
     "glue": "lowrank_bench.tasks.glue:GlueTask",
     "sentiment140": "lowrank_bench.tasks.sentiment:Sentiment140",
     "toy": "lowrank_bench.tasks.toy:ToySentiment",
