@@ -141,13 +141,18 @@ def test_unknown_method_lists_the_valid_ones():
 
 
 def test_unreachable_hub_model_fails_fast_with_advice(tmp_path):
+    """Within 10 s of the interpreter's own start-up (imports alone take 4 s on an idle 2-core machine, and several
+    times that when the machine is busy: measured here, under the same load, and not counted)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import lowrank_bench.train"], check=True)
+    startup = time.perf_counter() - start
     start = time.perf_counter()
     result = lrbench("model=roberta-base", *FAST, env={"LRBENCH_RESULTS_CSV": str(tmp_path / "x.csv")})
     elapsed = time.perf_counter() - start
     assert result.returncode == 2
     assert "FacebookAI/roberta-base' is not in the local Hugging Face cache" in result.stderr
     assert "model.path=/path/to/folder" in result.stderr
-    assert elapsed < 10, elapsed
+    assert elapsed - startup < 10, (elapsed, startup)
 
 
 @pytest.mark.slow
