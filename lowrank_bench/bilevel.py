@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from lowrank_bench.errors import LrbenchError, choices
-from lowrank_bench.optim import endless, make_optimizer
+from lowrank_bench.optim import make_optimizer
 
 if TYPE_CHECKING:
     from lowrank_bench.stages import Stage
@@ -112,6 +112,30 @@ def hypergradient(upper_loss: Callable[[], torch.Tensor], lower_loss: Callable[[
     return [d + i for d, i in zip(direct, implicit)], loss.detach()
 
 
+def data_parallel_hypergradient(upper_loss: Callable[[], torch.Tensor], lower_loss: Callable[[], torch.Tensor],
+                                upper: Params, lower: Params, mode: str, alpha: float,
+                                sum_: Callable[[list[torch.Tensor]], None]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`hypergradient` over data-parallel ranks. Each rank's closures compute its share of the global batches,
+    weighted so that their sum over the ranks is the global loss; `sum_` sums tensors over the ranks in place.
+    The direct gradient and v are summed before the implicit term, so that every rank perturbs the lower level by
+    the same eps v; the finite difference (or the exact Hessian-vector product), linear in the lower loss, is summed
+    after it. With one rank (`sum_` a no-op) this is `hypergradient`, operation for operation."""
+    if mode not in MODES:
+        raise LrbenchError(f"hypergradient mode {mode!r}; valid: {choices(MODES)}")
+    loss = upper_loss()
+    total = loss.detach().reshape(1).clone()
+    if mode == "first_order":
+        grads = grads_or_zeros(loss, upper)
+        sum_([*grads, total])
+        return grads, total[0]
+    grads = grads_or_zeros(loss, [*upper, *lower])
+    sum_([*grads, total])
+    direct, v = grads[: len(upper)], [g.detach() for g in grads[len(upper):]]
+    implicit = implicit_term(lower_loss, upper, lower, v, mode, alpha)
+    sum_(implicit)
+    return [d + i for d, i in zip(direct, implicit)], total[0]
+
+
 def use_eager_attention(model: torch.nn.Module) -> None:
     """Fused attention kernels have no double backward; the exact Hessian-vector product needs plain attention."""
     if hasattr(model, "set_attn_implementation"):
@@ -155,12 +179,16 @@ class BiLevel:
             use_eager_attention(loop.model)
         self.loop, self.task, self.b = loop, stage.task, b
         self.lower, self.upper = b.lower, b.upper
-        lower_data, upper_data, split = split_data(stage.task, b)
+        lower_data, upper_data, split = split_data(stage.task, b)  # seeded: the same on every data-parallel rank
+        if len(set(loop.dp.gather(json.dumps(split)))) > 1:
+            raise LrbenchError("the data-parallel ranks drew different lower/upper splits: their training data "
+                               "differ (check that every rank reads the same files)")
         suffix = "" if stage.name == "search" else "_" + stage.name.replace("/", "_")
-        (loop.run_dir / f"bilevel_split{suffix}.json").write_text(json.dumps(split))
+        if loop.dp.is_main:
+            (loop.run_dir / f"bilevel_split{suffix}.json").write_text(json.dumps(split))
         self.sizes = (len(lower_data), len(upper_data))
-        self.lower_batches = endless(loop.loader(lower_data, stage.task))
-        self.upper_batches = endless(loop.loader(upper_data, stage.task))
+        self.lower_batches = loop.stream(lower_data, stage.task)
+        self.upper_batches = loop.stream(upper_data, stage.task)
         if stage.max_steps:
             self.total_steps = int(stage.max_steps)
         else:
@@ -171,10 +199,13 @@ class BiLevel:
                                                                     self.total_steps * b.upper_steps)
         self.counts = {"lower_steps": 0, "upper_steps": 0}
         self.last_lower_batch: dict | None = None
+        self.last_lower_share = 1.0  # under data parallel: this rank's share of that micro-batch
 
     def lower_step(self) -> torch.Tensor:
         with requires_grad(self.upper, False):  # the lower level neither computes nor applies upper gradients
-            loss, samples, self.last_lower_batch = self.loop.accumulate(self.lower_batches, self.task)
+            loss, samples, self.last_lower_batch = self.loop.accumulate(self.lower_batches, self.task,
+                                                                        params=self.lower)
+        self.last_lower_share = self.lower_batches.share
         self.loop.optimizer_step(self.optimizer, self.lower)
         self.scheduler.step()
         self.loop.history.samples += samples
@@ -193,8 +224,15 @@ class BiLevel:
                 reg = loop.method.upper_regularizer(loop.model)
             return loss if reg is None else loss + reg
 
-        grads, loss = hypergradient(upper_loss, lambda: loop.loss_on(task, lower_batch), self.upper, self.lower,
-                                    self.b.hypergradient, self.b.darts_alpha)
+        if loop.dp.active:
+            upper_share, lower_share = self.upper_batches.share, self.last_lower_share
+            grads, loss = data_parallel_hypergradient(lambda: upper_loss() * upper_share,
+                                                      lambda: loop.loss_on(task, lower_batch) * lower_share,
+                                                      self.upper, self.lower, self.b.hypergradient,
+                                                      self.b.darts_alpha, loop.dp.sum_)
+        else:
+            grads, loss = hypergradient(upper_loss, lambda: loop.loss_on(task, lower_batch), self.upper, self.lower,
+                                        self.b.hypergradient, self.b.darts_alpha)
         for p, g in zip(self.upper, grads):  # autograd.grad left every .grad untouched: set the upper ones
             p.grad = g.to(p.dtype)
         if loop.tc.max_grad_norm:  # the hypergradient is unscaled: no GradScaler on this level
@@ -202,7 +240,7 @@ class BiLevel:
         self.upper_optimizer.step()
         self.upper_optimizer.zero_grad(set_to_none=True)
         self.upper_scheduler.step()
-        loop.history.samples += task.batch_size_of(upper_batch)
+        loop.history.samples += self.upper_batches.last_size if loop.dp.active else task.batch_size_of(upper_batch)
         self.counts["upper_steps"] += 1
         return loss
 
@@ -219,3 +257,23 @@ class BiLevel:
     def summary(self) -> dict:
         return {"hypergradient": self.b.hypergradient, "lower_size": self.sizes[0], "upper_size": self.sizes[1],
                 "T1": self.b.lower_steps, "T2": self.b.upper_steps, **self.counts}
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor], dict]:
+        """What a checkpoint keeps, at a round's boundary (the next round's lower steps set the finite
+        difference's micro-batch again): both streams, both schedules, both optimisers, the step counts."""
+        lower, lower_t = self.lower_batches.state()
+        upper, upper_t = self.upper_batches.state()
+        scalars = {"lower": lower, "upper": upper, "counts": dict(self.counts),
+                   "scheduler": self.scheduler.state_dict(), "upper_scheduler": self.upper_scheduler.state_dict()}
+        tensors = {**{f"lower/{k}": v for k, v in lower_t.items()}, **{f"upper/{k}": v for k, v in upper_t.items()}}
+        return scalars, tensors, {"lower": self.optimizer.state_dict(), "upper": self.upper_optimizer.state_dict()}
+
+    def load_state(self, scalars: dict, tensors: dict[str, torch.Tensor], optimizers: dict) -> None:
+        for name, stream in (("lower", self.lower_batches), ("upper", self.upper_batches)):
+            stream.load_state(scalars[name], {k[len(name) + 1:]: v for k, v in tensors.items()
+                                              if k.startswith(name + "/")})
+        self.counts = dict(scalars["counts"])
+        self.scheduler.load_state_dict(scalars["scheduler"])
+        self.upper_scheduler.load_state_dict(scalars["upper_scheduler"])
+        self.optimizer.load_state_dict(optimizers["lower"])
+        self.upper_optimizer.load_state_dict(optimizers["upper"])

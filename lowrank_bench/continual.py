@@ -87,6 +87,15 @@ class ContinualRun:
     def is_last_stage_of_task(self, index: int, stage) -> bool:
         return index == len(self.stages) - 1 or self.stages[index + 1].head != stage.head
 
+    # -- checkpoints (the trainer saves this with every checkpoint and puts it back on resume) --------------------
+    def state_dict(self) -> dict:
+        return {"rows": self.matrix.rows, "perplexities": self.perplexities, "final": self.final}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.matrix.rows = [list(row) for row in state["rows"]]
+        self.perplexities = list(state["perplexities"])
+        self.final = dict(state["final"])
+
     # -- outputs ------------------------------------------------------------------------------------------------
     def write_files(self) -> None:
         self.matrix.to_csv(self.run_dir / "accuracy_matrix.csv")

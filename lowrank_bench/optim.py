@@ -47,7 +47,8 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg, total_steps: int):
 
 
 def endless(loader):
-    """Cycle a DataLoader forever; each pass reshuffles from the loader's seeded generator."""
+    """Cycle a DataLoader forever; each pass reshuffles from the loader's seeded generator. The trainer draws its
+    batches from `batches.BatchStream`, which yields the same batches resumably; this is its reference in tests."""
     epoch = 0
     while True:
         for batch in loader:

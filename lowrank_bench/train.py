@@ -130,38 +130,65 @@ def plan_stages(cfg: DictConfig, s: Setup) -> list:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """One run end to end; returns its summary. Raises LrbenchError on bad input before anything is written."""
+    """One run end to end; returns its summary. Raises LrbenchError on bad input before anything is written.
+    A run that continues a checkpoint (`trainer.resume`, or its own config's in its own folder: checkpoint.py)
+    goes on in that checkpoint's folder. Under data parallel (distributed.py) only rank 0 writes."""
+    import json
+
+    from lowrank_bench import checkpoint, distributed
+
     started = time.perf_counter()
     origin = results.provenance()
+    dp = distributed.current()
+    resume = checkpoint.find_on_main(cfg, run_dir, dp)
+    launched_in = run_dir
+    if resume:
+        started -= resume.meta["wall_s"]
+        run_dir = resume.run_dir
     s = prepare(cfg)
     stages = plan_stages(cfg, s)
+    store = None
+    if cfg.trainer.get("checkpoint_every") is not None:
+        store = checkpoint.Store(run_dir, checkpoint.identity(cfg), cfg.trainer.get("keep_checkpoint", False))
     trainer = Trainer(cfg.trainer, s.model, s.method, run_dir, cfg.seed,
-                      activate_head=s.bank.use if s.bank else None)
+                      activate_head=s.bank.use if s.bank else None, store=store)
     sequence = None
     if isinstance(s.task, ContinualTask):  # reads the perplexity corpus: a missing one fails here, before training
         sequence = ContinualRun(s.task, trainer, s.bank, s.tokenizer, cfg.task.perplexity, stages, run_dir)
         trainer.stage_end_hooks.append(sequence.after_stage)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer.log = logger = results.make_logger(cfg, run_dir)
+        trainer.states["continual"] = sequence  # its matrix and perplexities ride in every checkpoint
+    if dp.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and launched_in != run_dir and launched_in.is_dir():
+            (launched_in / "resumed.json").write_text(json.dumps({"continued": str(run_dir),
+                                                                  "from": str(resume.path)}))
+    trainer.log = logger = results.make_logger(cfg, run_dir) if dp.is_main else None
     summary = None
     try:
         if sequence:
             sequence.logger = logger
-            sequence.before_first_stage()
-        history = trainer.run(stages)
+            if not resume:  # a resumed run has its starting perplexity in the checkpoint
+                sequence.before_first_stage()
+        history = trainer.run(stages, resume)
         if sequence:
-            sequence.write_files()
+            if dp.is_main:
+                sequence.write_files()
             metric, scores = "final_average_accuracy", sequence.scores()
         else:
             metric, scores = s.task.metric, results.best_and_last(history.evals, s.task.metric)
-        if cfg.save_adapter:
+        if cfg.save_adapter and dp.is_main:
             save_adapter(s.model, run_dir / "adapter.safetensors")
         summary = results.summarize(cfg, s.task.name, metric, s.method, trainer, history, s.params,
                                     time.perf_counter() - started, origin,
                                     {**scores, **trainer.extras, **stage_steps(history), **s.load_info,
                                      "run_dir": str(run_dir)})
-        results.write_run_files(cfg, run_dir, summary)
-        results.append_row(Path(cfg.results_csv), summary)
+        if dp.is_main:
+            results.write_run_files(cfg, run_dir, summary)
+            csv_path = Path(cfg.results_csv)
+            if not (resume and any(r.get("run_dir") == str(run_dir) for r in results.read_rows(csv_path))):
+                results.append_row(csv_path, summary)  # (a run killed after its row, then resumed: still one row)
+            if store:
+                store.finish()
     finally:
         if logger:
             logger.finish(summary)
@@ -176,14 +203,28 @@ def stage_steps(history) -> dict:
 
 def job(cfg: DictConfig) -> float | None:
     """One Hydra job. Kept undecorated under its own name so that launchers which pickle it (joblib, submitit)
-    pickle a reference, not the function's globals."""
+    pickle a reference, not the function's globals. Under torchrun (or several submitit tasks) every process runs
+    it: rank 0's run folder is everyone's, and rank 0 alone prints and writes. A signal stops it after a
+    checkpoint and is then handed to whoever listened before (submitit requeues the job)."""
+    import signal
+
+    from lowrank_bench import checkpoint, distributed
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        summary = run(cfg, run_dir)
+        dp = distributed.init(cfg.trainer.device)
+        summary = run(cfg, distributed.main_folder(run_dir))
     except LrbenchError as err:
         console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
         sys.exit(2)
-    results.print_summary(summary)
+    except checkpoint.Interrupted as stop:
+        console.print(f"{signal.Signals(stop.signum).name}: stopped after checkpoint {stop.path}; "
+                      "`trainer.resume=auto` continues it (a requeued job continues by itself)")
+        stop.hand_over()
+    finally:
+        distributed.shutdown()
+    if dp.is_main:
+        results.print_summary(summary)
     return summary.get(f"best_{summary['metric']}")
 
 

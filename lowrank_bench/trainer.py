@@ -1,9 +1,12 @@
 """The training loop, over stages (stages.py): seeded, epochs or max steps, gradient accumulation, periodic
-evaluation, bf16/fp16 autocast on CUDA, rich progress per stage.
+evaluation, bf16/fp16 autocast on CUDA, rich progress per stage, checkpoints and bit-for-bit resume
+(checkpoint.py), data parallel over processes (distributed.py).
 
 Each stage puts its parameters in training (everything else frozen), builds its step rule (`SingleLevel` here,
 `BiLevel` in bilevel.py) and runs the same loop: step, log, evaluate every `eval_every` steps and at the stage's
-end; then the stage-end hooks (a continual run re-evaluates every task seen so far there).
+end, checkpoint every `checkpoint_every` loop steps; then the stage-end hooks (a continual run re-evaluates every
+task seen so far there) and a checkpoint of the stage's end. A signal (SIGTERM, SIGUSR1, SIGUSR2) makes the loop
+checkpoint at the next step boundary and stop.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -19,15 +22,19 @@ from typing import Callable
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from lowrank_bench import checkpoint, distributed
+from lowrank_bench.batches import BatchStream
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.memory import MemoryMonitor
-from lowrank_bench.optim import endless, make_optimizer
+from lowrank_bench.optim import make_optimizer
 from lowrank_bench.stages import Stage, unique
 from lowrank_bench.tasks.base import Task
 
 # -- devices and precision --------------------------------------------------------------------------------------
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, dp: distributed.DataParallel = distributed.SINGLE) -> torch.device:
+    if dp.active and name != "cpu":  # one device per process: the launcher's local rank picks it
+        return torch.device(dp.device)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -64,11 +71,11 @@ class SingleLevel:
         self.loop, self.task, self.params = loop, stage.task, stage.params
         train = stage.task.train_examples()
         self.total_steps = loop.steps_for(len(train), stage.task, stage.epochs, stage.max_steps)
-        self.batches = endless(loop.loader(train, stage.task))
+        self.batches = loop.stream(train, stage.task)
         self.optimizer, self.scheduler = make_optimizer(self.params, stage.optimizer, self.total_steps)
 
     def step(self) -> dict[str, torch.Tensor]:
-        loss, samples, _ = self.loop.accumulate(self.batches, self.task)
+        loss, samples, _ = self.loop.accumulate(self.batches, self.task, params=self.params)
         self.loop.optimizer_step(self.optimizer, self.params)
         self.scheduler.step()
         self.loop.history.samples += samples
@@ -79,6 +86,21 @@ class SingleLevel:
 
     def summary(self) -> dict:
         return {}
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor], dict]:
+        """JSON scalars, tensors and optimiser states: what a checkpoint keeps of this rule."""
+        scalars, tensors = self.batches.state()
+        return ({"train": scalars, "scheduler": self.scheduler.state_dict()},
+                {f"train/{k}": v for k, v in tensors.items()}, {"optimizer": self.optimizer.state_dict()})
+
+    def load_state(self, scalars: dict, tensors: dict[str, torch.Tensor], optimizers: dict) -> None:
+        self.batches.load_state(scalars["train"], within(tensors, "train/"))
+        self.scheduler.load_state_dict(scalars["scheduler"])
+        self.optimizer.load_state_dict(optimizers["optimizer"])
+
+
+def within(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def step_rule(loop: "Trainer", stage: Stage):
@@ -94,12 +116,15 @@ StageHook = Callable[[int, Stage, dict], None]
 
 
 class Trainer:
-    """Runs a list of stages on one model; `trainer` is the `trainer` config group."""
+    """Runs a list of stages on one model; `trainer` is the `trainer` config group. With a checkpoint `store` the
+    run checkpoints (and can be resumed); `states` names the objects whose `state_dict()` (JSON) rides along in
+    every checkpoint (the stage-end hooks' owners: a continual run's matrix)."""
 
     def __init__(self, trainer, model, method, run_dir: Path, seed: int, log=None,
-                 activate_head: Callable[[str], None] | None = None):
+                 activate_head: Callable[[str], None] | None = None, store: checkpoint.Store | None = None):
         self.tc, self.model, self.method, self.run_dir, self.log = trainer, model, method, run_dir, log
-        self.device = pick_device(trainer.device)
+        self.dp = distributed.current()
+        self.device = pick_device(trainer.device, self.dp)
         self.precision, self.autocast = autocast_for(self.device, trainer.precision)
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
         self.model.to(self.device)
@@ -107,16 +132,25 @@ class Trainer:
         self.activate_head = activate_head
         self.stage_end_hooks: list[StageHook] = []
         self.optimizer_steps = 0
+        self.global_step = 0  # loop steps over every stage (a bi-level round is one)
         self.epoch = 0
         self.history = History()
         self.memory = MemoryMonitor(self.device)
         self.extras: dict = {}
         self.snapshots: dict[str, list[torch.Tensor]] = {}
+        self.store, self.states = store, {}
+        self.signals = checkpoint.Signals() if store else None
+        self.earlier = {"checkpoints": 0, "checkpoint_s": 0.0, "wall_s": 0.0}  # a resumed run's earlier processes
+        self.created = time.perf_counter()
+        self.resuming: tuple[checkpoint.Checkpoint, dict] | None = None
+        # names fixed now, while the first task's head is in place (a head bank renames the active head's tensors)
+        self.names = {id(p): name for name, p in model.named_parameters()}
+        self.module_names = {id(m): name for name, m in model.named_modules()}
 
     # -- data and steps -----------------------------------------------------------------------------------------
-    def loader(self, examples: list[dict], task: Task):
-        return torch.utils.data.DataLoader(examples, batch_size=self.tc.batch_size, shuffle=True,
-                                           collate_fn=task.collate, generator=self.generator)
+    def stream(self, examples: list[dict], task: Task) -> BatchStream:
+        """Shuffled passes over `examples` from the run's generator (a DataLoader's batches and draws, resumable)."""
+        return BatchStream(examples, self.tc.batch_size, task.collate, self.generator, self.dp.rank, self.dp.world)
 
     def steps_for(self, n_examples: int, task: Task, epochs: float, max_steps: int | None) -> int:
         """Optimiser steps of a stage: `max_steps`, or `epochs` passes over `n_examples`."""
@@ -137,17 +171,25 @@ class Trainer:
             reg = self.method.regularizer(self.model)
         return loss if reg is None else loss + reg
 
-    def accumulate(self, batches, task: Task, accum: int | None = None) -> tuple[torch.Tensor, int, dict]:
+    def accumulate(self, batches, task: Task, accum: int | None = None,
+                   params: list[torch.nn.Parameter] | None = None) -> tuple[torch.Tensor, int, dict]:
         """Forward/backward over `accum` micro-batches; the mean loss (a tensor, not synced), the number of samples
-        and the last micro-batch (the bi-level rule's finite difference reuses it)."""
+        and the last micro-batch (the bi-level rule's finite difference reuses it). Under data parallel each rank's
+        loss is weighted by its share of the global batch and the gradients of `params` are summed over the ranks."""
         accum = accum or self.tc.grad_accum
         total, samples = 0.0, 0
         for _ in range(accum):
             batch = self.next_batch(batches)
             loss = self.loss_on(task, batch)
+            if self.dp.active:
+                loss = loss * batches.share
+                samples += batches.last_size
+            else:
+                samples += task.batch_size_of(batch)
             self.scaler.scale(loss / accum).backward()
             total = total + loss.detach() / accum
-            samples += task.batch_size_of(batch)
+        if self.dp.active:
+            total = self.dp.sum_gradients(params or [], total)
         return total, samples, batch
 
     def optimizer_step(self, optimizer, params) -> None:
@@ -161,25 +203,44 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
 
     # -- stages -------------------------------------------------------------------------------------------------
-    def run(self, stages: list[Stage]) -> History:
+    def run(self, stages: list[Stage], resume: checkpoint.Checkpoint | None = None) -> History:
+        """Run `stages`, or what is left of them after the checkpoint `resume`."""
         self.stages = stages
         trained_somewhere = unique(p for stage in stages for p in stage.params)
+        self.kept = self.tensors_to_keep(trained_somewhere)
+        self.dp.broadcast_(list(self.kept.values()))
         self.model.train()
-        with self.memory, self.progress() as progress:
+        first = self.restore(resume) if resume else 0
+        with self.memory, self.progress() as progress, self.signals or nullcontext():
             for index, stage in enumerate(stages):
-                self.start(stage, trained_somewhere)
-                record = self.run_stage(stage, progress)
+                if index < first:
+                    continue
+                if self.resuming and self.resuming[0].meta["position"]["step"]:
+                    self.enter(stage, trained_somewhere)  # mid-stage: snapshots and restores happened before
+                else:
+                    self.start(stage, trained_somewhere)
+                record = self.run_stage(stage, progress, index)
                 for hook in self.stage_end_hooks:
                     hook(index, stage, record)
+                written = self.checkpoint(index + 1, 0)
+                if index + 1 < len(stages) and self.stop_requested(0):
+                    raise self.signals.interrupted(written)
+        if self.store:
+            self.extras.update(checkpoints=self.earlier["checkpoints"] + self.store.count,
+                               checkpoint_s=round(self.earlier["checkpoint_s"] + self.store.seconds, 3))
         return self.history
 
-    def start(self, stage: Stage, trained_somewhere: list[torch.nn.Parameter]) -> None:
-        """Put the stage's parameters in training and freeze the others; restore what the stage restarts from."""
+    def enter(self, stage: Stage, trained_somewhere: list[torch.nn.Parameter]) -> None:
+        """Put the stage's head in place and its parameters in training; freeze the others."""
         if self.activate_head and stage.head:
             self.activate_head(stage.head)
         training = {id(p) for p in stage.params}
         for p in trained_somewhere:
             p.requires_grad_(id(p) in training)
+
+    def start(self, stage: Stage, trained_somewhere: list[torch.nn.Parameter]) -> None:
+        """Enter the stage; keep what it snapshots and restore what it restarts from."""
+        self.enter(stage, trained_somewhere)
         if stage.snapshot:
             self.snapshots[stage.name] = [p.detach().clone() for p in stage.snapshot]
         if stage.restore_from:
@@ -188,17 +249,21 @@ class Trainer:
                 for p, value in zip(source.snapshot, self.snapshots[stage.restore_from]):
                     p.copy_(value)
 
-    def run_stage(self, stage: Stage, progress: Progress) -> dict:
+    def run_stage(self, stage: Stage, progress: Progress, index: int = 0) -> dict:
         rule = step_rule(self, stage)
         self.method.on_train_start(rule.total_steps)
         total = rule.total_steps
         eval_every = self.tc.eval_every or total
         logs: dict[str, float] = {}
         record: dict = {}
-        bar = progress.add_task(f"{self.method.name} · {stage.name}", total=total, info="")
-        start, stage_seconds, stage_samples = time.perf_counter(), 0.0, self.history.samples
-        for step in range(1, total + 1):
+        first, loop = self.resume_stage(rule) if self.resuming else (1, {})
+        bar = progress.add_task(f"{self.method.name} · {stage.name}", total=total, info="", completed=first - 1)
+        start = time.perf_counter() - loop.get("pending_s", 0.0)
+        stage_seconds = loop.get("stage_seconds", 0.0)
+        stage_samples = loop.get("stage_samples", self.history.samples)
+        for step in range(first, total + 1):
             raw = rule.step()
+            self.global_step += 1
             if step % self.tc.log_every == 0 or step % eval_every == 0 or step == total:
                 logs = {k: float(v) for k, v in raw.items()}  # the only host sync of the loop
                 self.sync()
@@ -216,10 +281,130 @@ class Trainer:
                 self.history.train_steps += step - self.history.steps_per_stage.get(stage.name, 0)
                 self.history.steps_per_stage[stage.name] = step
                 record = self.evaluate(stage, logs)
-                progress.console.print(self.format_eval(record))
+                if self.dp.is_main:
+                    progress.console.print(self.format_eval(record))
                 start = time.perf_counter()
+            if step < total and self.store:  # the stage's last step is checkpointed after its stage-end hooks
+                stop = self.stop_requested(step)
+                if stop or self.due():
+                    pending = time.perf_counter() - start
+                    written = self.checkpoint(index, step, rule, {"pending_s": pending, "stage_seconds": stage_seconds,
+                                                                  "stage_samples": stage_samples})
+                    start = time.perf_counter() - pending  # writing a checkpoint is not training time
+                    if stop:
+                        raise self.signals.interrupted(written)
         self.extras.update(rule.summary())
         return record
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def due(self) -> bool:
+        every = self.tc.get("checkpoint_every") or 0
+        return every > 0 and self.global_step % every == 0
+
+    def stop_requested(self, step: int) -> bool:
+        """Whether a signal asked the run to stop. Data-parallel ranks agree on it at logging steps (where the loop
+        syncs anyway), so that they stop at the same step."""
+        if self.signals is None:
+            return False
+        if not self.dp.active:
+            return self.signals.received is not None
+        if step % self.tc.log_every and not self.due():
+            return False
+        return self.dp.any(self.signals.received is not None)
+
+    def tensors_to_keep(self, trained: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Every parameter trained in some stage and the buffers of the modules holding them, by name."""
+        missing = [p for p in trained if id(p) not in self.names]
+        if missing:
+            raise LrbenchError(f"{len(missing)} trained parameter(s) are not the model's own (model.named_parameters)"
+                               "; a checkpoint could not name them")
+        kept = {self.names[id(p)]: p for p in trained}
+        ids = {id(p) for p in trained}
+        for module in self.model.modules():
+            if any(id(p) in ids for p in module.parameters(recurse=False)):
+                prefix = self.module_names.get(id(module), "")
+                for name, buffer in module.named_buffers(recurse=False):
+                    kept[f"{prefix}.{name}" if prefix else name] = buffer
+        return kept
+
+    def checkpoint(self, stage: int, step: int, rule=None, loop: dict | None = None) -> Path | None:
+        """Write the run's state after `step` steps of stage `stage` (step 0: the stage has not started)."""
+        if self.store is None:
+            return None
+        started = time.perf_counter()
+        rng = self.dp.gather(checkpoint.rng_state())  # every rank's: dropout draws differ between shards
+        if not self.dp.is_main:
+            return None
+        tensors = {f"param/{name}": t for name, t in self.kept.items()}
+        for name, values in self.snapshots.items():
+            tensors.update({f"snapshot/{name}/{i}": v for i, v in enumerate(values)})
+        tensors["generator"] = self.generator.get_state()
+        for r, (_, states) in enumerate(rng):
+            tensors.update({f"rng/{r}/{k}": v for k, v in states.items()})
+        scalars, rule_tensors, optimizers = rule.state() if rule else ({}, {}, {})
+        tensors.update({f"rule/{k}": v for k, v in rule_tensors.items()})
+        metrics = self.run_dir / "metrics.jsonl"
+        name = self.stages[stage].name if stage < len(self.stages) else "end"
+        meta = {"position": {"stage": stage, "step": step, "stage_name": name},
+                "stages": [s.name for s in self.stages], "global_step": self.global_step,
+                "optimizer_steps": self.optimizer_steps, "epoch": self.epoch, "history": asdict(self.history),
+                "extras": self.extras, "loop": loop or {}, "rule": scalars, "scaler": self.scaler.state_dict(),
+                "states": {key: obj.state_dict() for key, obj in self.states.items()},
+                "rng": [scalars_ for scalars_, _ in rng], "world": self.dp.world,
+                "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0,
+                "wall_s": self.earlier["wall_s"] + time.perf_counter() - self.created,
+                "checkpoints": self.earlier["checkpoints"] + self.store.count + 1,
+                "checkpoint_s": self.earlier["checkpoint_s"] + self.store.seconds}
+        path = self.store.write(f"step-{self.global_step:08d}", meta, tensors, optimizers)
+        self.store.seconds += time.perf_counter() - started
+        return path
+
+    def restore(self, resume: checkpoint.Checkpoint) -> int:
+        """Put the checkpoint's state back; returns the stage to go on with. The step rule's state and the RNGs are
+        put back when that stage's rule exists (`resume_stage`)."""
+        meta = resume.meta
+        names = [s.name for s in self.stages]
+        if meta["stages"] != names:
+            raise LrbenchError(f"checkpoint {resume.path} has stages {meta['stages']}, this run plans {names}")
+        if meta["world"] != self.dp.world:
+            console.print(f"[yellow]the checkpoint was written by {meta['world']} process(es), this run has "
+                          f"{self.dp.world}: the data order is the same, dropout draws are not (not bit for bit)")
+        tensors = {k: v.to(self.device) for k, v in resume.tensors().items()}
+        with torch.no_grad():
+            for name, t in self.kept.items():
+                t.copy_(tensors[f"param/{name}"])
+        self.snapshots = {}
+        for key in sorted((k for k in tensors if k.startswith("snapshot/")), key=lambda k: int(k.rsplit("/", 1)[1])):
+            stage_name = key[len("snapshot/"): key.rindex("/")]
+            self.snapshots.setdefault(stage_name, []).append(tensors[key])
+        self.generator.set_state(tensors["generator"].cpu())
+        self.history = History(**meta["history"])
+        self.extras = dict(meta["extras"])
+        self.global_step, self.optimizer_steps, self.epoch = meta["global_step"], meta["optimizer_steps"], meta["epoch"]
+        self.earlier = {"checkpoints": meta["checkpoints"], "checkpoint_s": meta["checkpoint_s"],
+                        "wall_s": meta["wall_s"]}
+        if meta["scaler"]:
+            self.scaler.load_state_dict(meta["scaler"])
+        for key, obj in self.states.items():
+            obj.load_state_dict(meta["states"][key])
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.dp.is_main and metrics.exists():  # records written after the checkpoint are written again
+            with open(metrics, "r+b") as handle:
+                handle.truncate(meta["metrics_bytes"])
+        self.resuming = (resume, {k: v.cpu() for k, v in tensors.items() if k.startswith(("rule/", "rng/"))})
+        return meta["position"]["stage"]
+
+    def resume_stage(self, rule) -> tuple[int, dict]:
+        """The stage's rule and the RNGs as the checkpoint left them; the first step to run and the loop's timers."""
+        resume, tensors = self.resuming
+        self.resuming = None
+        meta = resume.meta
+        step = meta["position"]["step"]
+        if step:
+            rule.load_state(meta["rule"], within(tensors, "rule/"), resume.optimizers())
+        rank = self.dp.rank if meta["world"] == self.dp.world else 0
+        checkpoint.set_rng_state(meta["rng"][rank], within(tensors, f"rng/{rank}/"))
+        return step + 1, (meta["loop"] if step else {})
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def evaluate_task(self, task: Task) -> dict:
@@ -235,6 +420,8 @@ class Trainer:
         return record
 
     def write_record(self, record: dict) -> None:
+        if not self.dp.is_main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.log:
@@ -247,7 +434,7 @@ class Trainer:
     def progress(self) -> Progress:
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                        console=console, disable=not self.tc.progress)
+                        console=console, disable=not self.tc.progress or not self.dp.is_main)
 
     @staticmethod
     def format_eval(record: dict) -> str:

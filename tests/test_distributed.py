@@ -1,0 +1,114 @@
+"""Data parallel: the reduced hypergradient is the hypergradient on one rank; `torchrun --nproc_per_node=2` on the
+CPU (gloo) follows the single-process loss trajectory on the same global batch, for lora and bidora; rank 0 alone
+writes its folder and its row."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowrank_bench.bilevel import MODES, data_parallel_hypergradient, hypergradient
+from lowrank_bench.results import read_rows
+from tests.conftest import ROOT
+from tests.test_bilevel import quadratic_problem
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_data_parallel_hypergradient_on_one_rank_is_the_hypergradient(mode):
+    lower, upper, V, m, _, _ = quadratic_problem()
+    expected, loss = hypergradient(upper, lower, [m], [V], mode, alpha=0.01)
+    calls = []
+    got, got_loss = data_parallel_hypergradient(upper, lower, [m], [V], mode, 0.01, calls.append)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)) and torch.equal(got_loss, loss)
+    assert len(calls) == (1 if mode == "first_order" else 2)  # v with the direct term, then the difference
+
+
+def test_two_weighted_halves_summed_give_the_hypergradient_of_the_whole():
+    """What two ranks compute: each half of a batch weighted by its share; summing after v and after the finite
+    difference equals the single-process hypergradient on the whole batch."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randn(10, generator=g, dtype=torch.float64)
+    V = torch.nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64))
+    m = torch.nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64))
+
+    def losses(rows):
+        lower = lambda: ((X[rows] @ (V * m) - Y[rows]) ** 2).mean() + (V ** 4).sum() / 10
+        upper = lambda: ((X[rows] @ (V * m.exp()) - Y[rows]) ** 2).mean()
+        return upper, lower
+
+    whole, _ = hypergradient(*losses(slice(0, 10)), [m], [V], "darts", alpha=0.01)
+    shards = [(slice(0, 6), 0.6), (slice(6, 10), 0.4)]
+    # run the two ranks' calls in lock step: at each `sum_`, both ranks' tensors are summed
+    from threading import Barrier, Thread
+    barrier, pending, results = Barrier(2), {}, {}
+
+    def rank(r):
+        rows, share = shards[r]
+        upper, lower = losses(rows)
+
+        def sum_(tensors):
+            pending[r] = tensors
+            barrier.wait()
+            summed = [a + b for a, b in zip(pending[0], pending[1])]
+            barrier.wait()
+            for t, s in zip(tensors, summed):
+                t.copy_(s)
+
+        results[r] = data_parallel_hypergradient(lambda: upper() * share, lambda: lower() * share, [m], [V],
+                                                 "darts", 0.01, sum_)
+
+    threads = [Thread(target=rank, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for r in (0, 1):
+        torch.testing.assert_close(results[r][0][0], whole[0], rtol=1e-7, atol=1e-9)
+
+
+# -- torchrun on the CPU -------------------------------------------------------------------------------------------
+# No dropout (its masks depend on how a batch is split), 90 examples in global batches of 25: shares of 13 and 12
+# examples, then 8 and 7 for the short last batch of each pass.
+DP_RUN = ["model=tiny-roberta", "task.max_train_samples=90", "task.max_eval_samples=64", "trainer.batch_size=25",
+          "trainer.max_steps=8", "trainer.eval_every=1", "trainer.progress=false", "trainer.device=cpu",
+          "++model.config.hidden_dropout_prob=0.0", "++model.config.attention_probs_dropout_prob=0.0"]
+
+
+def launch(tmp: Path, name: str, nproc: int, overrides: list[str]) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp / name
+    env = {**os.environ, "LRBENCH_OUTPUT_DIR": str(out), "LRBENCH_RESULTS_CSV": str(out / "runs.csv"),
+           "OMP_NUM_THREADS": "1"}
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    result = subprocess.run([*prefix, "-m", "lowrank_bench.train", *overrides], check=False, cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    return result, out
+
+
+def trajectory(out: Path) -> list[dict]:
+    (folder,) = list((out / "runs").iterdir())  # one run folder: the other rank's is gone
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "bidora"])
+def test_torchrun_on_two_cpu_processes_follows_the_single_process_losses(tmp_path, method):
+    overrides = [*DP_RUN, f"method={method}"]
+    single, single_out = launch(tmp_path, "single", 1, overrides)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double, double_out = launch(tmp_path, "ddp", 2, overrides)
+    assert double.returncode == 0, double.stderr[-3000:]
+    ours, theirs = trajectory(double_out), trajectory(single_out)
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(range(1, 9))
+    keys = [k for k in theirs[0] if k.startswith("train_")]
+    assert keys == (["train_loss"] if method == "lora" else ["train_lower_loss", "train_upper_loss"])
+    gaps = [abs(a[k] - b[k]) for a, b in zip(ours, theirs) for k in keys]
+    print(f"{method}: largest |loss difference| over {len(ours)} steps: {max(gaps):.2e}")
+    assert max(gaps) < 1e-5, gaps
+    assert [a["epoch"] for a in ours] == [b["epoch"] for b in theirs]
+    rows = read_rows(double_out / "runs.csv")
+    assert len(rows) == 1 and rows[0]["train_samples"] == read_rows(single_out / "runs.csv")[0]["train_samples"]
+    assert double.stdout.count("trainable_params") == 1  # the summary table: rank 0's only
