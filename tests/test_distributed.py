@@ -36,20 +36,22 @@ def test_two_weighted_halves_summed_give_the_hypergradient_of_the_whole():
     V = torch.nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64))
     m = torch.nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64))
 
-    def losses(rows):
+    def losses(rows, V, m):
         lower = lambda: ((X[rows] @ (V * m) - Y[rows]) ** 2).mean() + (V ** 4).sum() / 10
         upper = lambda: ((X[rows] @ (V * m.exp()) - Y[rows]) ** 2).mean()
         return upper, lower
 
-    whole, _ = hypergradient(*losses(slice(0, 10)), [m], [V], "darts", alpha=0.01)
+    whole, _ = hypergradient(*losses(slice(0, 10), V, m), [m], [V], "darts", alpha=0.01)
     shards = [(slice(0, 6), 0.6), (slice(6, 10), 0.4)]
-    # run the two ranks' calls in lock step: at each `sum_`, both ranks' tensors are summed
+    # the two ranks run in lock step (at each `sum_` both ranks' tensors are summed), each on its own copy of the
+    # parameters, as real ranks are: shared tensors would let one thread's requires_grad toggling break the other
     from threading import Barrier, Thread
-    barrier, pending, results = Barrier(2), {}, {}
+    barrier, pending, results, errors = Barrier(2, timeout=60), {}, {}, []
 
     def rank(r):
         rows, share = shards[r]
-        upper, lower = losses(rows)
+        V_r, m_r = (torch.nn.Parameter(p.detach().clone()) for p in (V, m))
+        upper, lower = losses(rows, V_r, m_r)
 
         def sum_(tensors):
             pending[r] = tensors
@@ -59,12 +61,17 @@ def test_two_weighted_halves_summed_give_the_hypergradient_of_the_whole():
             for t, s in zip(tensors, summed):
                 t.copy_(s)
 
-        results[r] = data_parallel_hypergradient(lambda: upper() * share, lambda: lower() * share, [m], [V],
-                                                 "darts", 0.01, sum_)
+        try:
+            results[r] = data_parallel_hypergradient(lambda: upper() * share, lambda: lower() * share, [m_r], [V_r],
+                                                     "darts", 0.01, sum_)
+        except Exception as err:  # noqa: BLE001 - reported below; a failing rank must not leave the other waiting
+            errors.append(err)
+            barrier.abort()
 
     threads = [Thread(target=rank, args=(r,)) for r in (0, 1)]
     [t.start() for t in threads]
     [t.join() for t in threads]
+    assert not errors, errors
     for r in (0, 1):
         torch.testing.assert_close(results[r][0][0], whole[0], rtol=1e-7, atol=1e-9)
 
