@@ -54,7 +54,7 @@ from lowrank_bench import e2e_metrics
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError, choices
 from lowrank_bench.models import Head, hub_offline, hub_reachable, offline_message
-from lowrank_bench.tasks.base import Task, cached, data_dir, fingerprint, pad_batch, tokenizer_id
+from lowrank_bench.tasks.base import Task, cached, fingerprint, local_data_folder, pad_batch, tokenizer_id
 
 FILES = {"train": "trainset.csv", "validation": "devset.csv", "test": "testset_w_refs.csv"}
 HUB_DATASET = "tuetschek/e2e_nlg"
@@ -196,17 +196,7 @@ class E2ETask(Task):
 
     # -- where the data is ----------------------------------------------------------------------------------------
     def local_folder(self) -> Path | None:
-        configured = self.cfg.get("data_dir")
-        if configured:
-            folder = Path(str(configured)).expanduser()
-            if not folder.is_dir():
-                raise LrbenchError(f"task.data_dir={configured}: no such folder (expected the official E2E CSVs: "
-                                   f"{', '.join(FILES.values())})")
-            return folder
-        shared = data_dir()
-        if shared and (shared / "e2e").is_dir():
-            return shared / "e2e"
-        return None
+        return local_data_folder(self.cfg, "e2e", f"the official E2E CSVs: {', '.join(FILES.values())}")
 
     def resolve_split(self, split: str) -> str:
         has_train = self.folder is None or (self.folder / FILES["train"]).is_file()

@@ -26,7 +26,7 @@ import pandas as pd
 
 from lowrank_bench.errors import LrbenchError, choices
 from lowrank_bench.models import Head, hub_offline, hub_reachable, offline_message
-from lowrank_bench.tasks.base import ClassificationTask, Example, check_label, data_dir
+from lowrank_bench.tasks.base import ClassificationTask, Example, check_label, local_data_folder
 
 AMAZON_DOMAINS = ("books", "dvd", "electronics", "kitchen")  # Blitzer's four
 AMAZON_FILES = {"train": "train.tsv", "validation": "dev.tsv"}
@@ -132,16 +132,10 @@ class AmazonReviews(SentimentTask):
         self.folder = self.local_folder()
 
     def local_folder(self) -> Path:
-        configured = self.cfg.get("data_dir")
-        if configured:
-            folder = Path(str(configured)).expanduser()
-            if not folder.is_dir():
-                raise LrbenchError(f"task.data_dir={configured}: no such folder (expected "
-                                   f"<data_dir>/{{{','.join(AMAZON_FILES.values())}}})")
+        folder = local_data_folder(self.cfg, f"sentiment/amazon-{self.domain}",
+                                   f"<data_dir>/{{{','.join(AMAZON_FILES.values())}}}")
+        if folder:
             return folder
-        shared = data_dir()
-        if shared and (shared / "sentiment" / f"amazon-{self.domain}").is_dir():
-            return shared / "sentiment" / f"amazon-{self.domain}"
         raise LrbenchError(f"{self.name}: no local data, and no Hub copy is used for the Amazon reviews. Set "
                            f"`task.data_dir=/path/to/amazon-{self.domain}` (a folder with "
                            f"{', '.join(AMAZON_FILES.values())}) or LRBENCH_DATA_DIR (read from "
@@ -175,17 +169,8 @@ class Sentiment140(SentimentTask):
         self.folder = self.local_folder()
 
     def local_folder(self) -> Path | None:
-        configured = self.cfg.get("data_dir")
-        if configured:
-            folder = Path(str(configured)).expanduser()
-            if not folder.is_dir():
-                raise LrbenchError(f"task.data_dir={configured}: no such folder (expected "
-                                   f"<data_dir>/{{train,test}}.csv with the columns text, sentiment)")
-            return folder
-        shared = data_dir()
-        if shared and (shared / "sentiment" / "sentiment140").is_dir():
-            return shared / "sentiment" / "sentiment140"
-        return None
+        return local_data_folder(self.cfg, "sentiment/sentiment140",
+                                 "<data_dir>/{train,test}.csv with the columns text, sentiment")
 
     def rows(self, split: str) -> int | None:
         """How many leading rows to read: `eval_rows: first` reads only the N evaluated, rather than tokenising
