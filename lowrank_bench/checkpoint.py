@@ -339,9 +339,11 @@ class Signals:
         return self
 
     def handle(self, signum, frame) -> None:
+        # Only a flag: a handler runs between two bytecodes of whatever the main thread does, which may be the first
+        # import of a module (rich imports its emoji table lazily, on the first print); printing from here would
+        # then import that half-executed module and fail. The loop reports the stop at the step boundary.
         if self.received is None:
             self.received = signum
-            console.print(f"[yellow]{signal.Signals(signum).name}: checkpoint at the next step, then stop")
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous.items():

@@ -330,3 +330,24 @@ def test_checkpoint_every_null_writes_no_checkpoint_and_leaves_signals_alone(tmp
                               "trainer.keep_checkpoint=true"), tmp_path)
     assert not (tmp_path / "checkpoints").exists() and "checkpoints" not in summary
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_signal_handler_only_sets_a_flag_and_hands_the_previous_handler_on(monkeypatch):
+    """A handler can interrupt the main thread inside the first import of a module; if it printed, rich's lazy
+    emoji-table import would meet that half-executed module (a sweep job once failed so). It must do no I/O."""
+    def no_io(*args, **kwargs):
+        raise AssertionError("the signal handler printed")
+
+    monkeypatch.setattr(checkpoint.console, "print", no_io)
+    seen = []
+    before = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        with checkpoint.Signals() as signals:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert signals.received == signal.SIGUSR1 and not seen
+            stop = signals.interrupted(None)
+        with pytest.raises(SystemExit) as exit_:
+            stop.hand_over()
+        assert seen == [signal.SIGUSR1] and exit_.value.code == 128 + signal.SIGUSR1
+    finally:
+        signal.signal(signal.SIGUSR1, before)
