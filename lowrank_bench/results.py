@@ -80,6 +80,16 @@ def best_and_last(evals: list[dict], metric: str) -> dict:
             "degenerate": any(v for k, v in last.items() if k.endswith("degenerate"))}
 
 
+def tables_of(evals: list[dict], metric: str) -> dict:
+    """What an evaluation measured as a table rather than a number (NER's F1 per entity type, a classifier's
+    confusion matrix), from the best and the last evaluation: for summary.json; the CSV row keeps the numbers."""
+    if not evals:
+        return {}
+    best = max(evals, key=lambda r: r[metric])
+    return {f"{which}_{k}": v for which, record in (("best", best), ("last", evals[-1]))
+            for k, v in record.items() if isinstance(v, (dict, list))}
+
+
 def summarize(cfg, task_name: str, metric: str, method, trainer, history, params: dict[str, int],
               wall_seconds: float, origin: dict[str, str], scores: dict) -> dict:
     """One result row: what ran, its measures (`scores`), its cost and where it came from."""
@@ -103,11 +113,12 @@ def summarize(cfg, task_name: str, metric: str, method, trainer, history, params
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
-def write_run_files(cfg, run_dir: Path, summary: dict) -> None:
+def write_run_files(cfg, run_dir: Path, summary: dict, tables: dict | None = None) -> None:
+    """config_resolved.yaml and summary.json (the row, plus `tables`: see `tables_of`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.write_text(json.dumps({**summary, **(tables or {})}, indent=2))
     os.replace(tmp, run_dir / "summary.json")
 
 
@@ -198,8 +209,9 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     table.add_column("value", justify="right")
     shown = ["trainable_params", "adapter_params", "head_params", "trainable_pct", "best_step"]
     shown += [k for k in summary if k.startswith(("best_", "last_", "final_")) and k not in ("best_step", "last_step")]
-    shown += ["backward_transfer", "average_forgetting", "ppl_before", "ppl_after", "degenerate", "train_steps", "time_per_step_ms", "samples_per_s", "wall_time_s", "peak_mem_mb", "device",
-              "git_commit"]
+    shown += [k for k in summary if k.startswith(("mc_accuracy", "mc_macro_accuracy", "mc_items", "sft_"))]
+    shown += ["backward_transfer", "average_forgetting", "ppl_before", "ppl_after", "degenerate", "train_steps",
+              "time_per_step_ms", "samples_per_s", "wall_time_s", "peak_mem_mb", "device", "git_commit"]
     for key in [k for k in shown if k in summary]:
         value = summary.get(key)
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))

@@ -23,11 +23,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from rich.text import Text
 
-from lowrank_bench import methods, models, results, tasks
+from lowrank_bench import mc_eval, methods, models, results, tasks
 from lowrank_bench.console import console
 from lowrank_bench.continual import ContinualRun
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.heads import DecoderClassifier, HeadBank, decoder_head
+from lowrank_bench.mc_eval import MultipleChoiceEval
 from lowrank_bench.methods.base import Method, save_adapter
 from lowrank_bench.models import Head
 from lowrank_bench.stages import overridden, stages_for
@@ -60,6 +61,8 @@ class Setup:
     load_info: dict  # where the weights came from and how long they took (GGUF dequantisation, cache)
     bank: HeadBank | None = None  # continual runs: one head per task
     task_heads: dict[str, list[torch.nn.Parameter]] | None = None
+    mc: MultipleChoiceEval | None = None  # eval=mc/<benchmark>: scored after training
+    mc_before: dict | None = None  # ... and before it (eval.before), on the model as loaded
 
 
 def build_model(model_cfg: DictConfig, head: Head, pad_token_id: int | None) -> torch.nn.Module:
@@ -84,11 +87,13 @@ def prepare(cfg: DictConfig) -> Setup:
     torch.manual_seed(cfg.seed)  # the head's and adapters' initialisation must not depend on the data loading
     model = build_model(cfg.model, first.head, tokenizer.pad_token_id)
     load_info = {f"model_{k}": v for k, v in model.lrbench_load_info.items() if k in ("load_from", "load_s")}
+    mc = mc_eval.build(cfg, tokenizer, first.head)  # reads its items: a bad one fails before anything slow
+    mc_before = mc.score_before(model, cfg.trainer) if mc and cfg.eval.before else None
     heads = head_modules(model, first.head)
     groups = method.apply(model, heads, models.target_sets(cfg.model))
     if not isinstance(task, ContinualTask):
         return Setup(task, method, method.wrap(model), groups, parameter_counts(model, groups.get("head", [])),
-                     tokenizer, load_info)
+                     tokenizer, load_info, mc=mc, mc_before=mc_before)
     bank = HeadBank(model, heads[0], cfg.task.head_protocol)
     task_heads = {}
     for index, plan in enumerate(task.plans):
@@ -98,7 +103,7 @@ def prepare(cfg: DictConfig) -> Setup:
     groups = {role: params for role, params in groups.items() if role != "head"}  # the template head left
     all_heads = [p for params in task_heads.values() for p in params]
     return Setup(task, method, method.wrap(model), groups, parameter_counts(model, all_heads), tokenizer, load_info,
-                 bank, task_heads)
+                 bank, task_heads, mc, mc_before)
 
 
 def head_modules(model: torch.nn.Module, head: Head) -> list[str]:
@@ -152,6 +157,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         store = checkpoint.Store(run_dir, checkpoint.identity(cfg), cfg.trainer.get("keep_checkpoint", False))
     trainer = Trainer(cfg.trainer, s.model, s.method, run_dir, cfg.seed,
                       activate_head=s.bank.use if s.bank else None, store=store)
+    if hasattr(s.task, "output_dir"):  # a task that writes files of its own (E2E's generations) writes them here
+        s.task.output_dir = run_dir
     sequence = None
     if isinstance(s.task, ContinualTask):  # reads the perplexity corpus: a missing one fails here, before training
         sequence = ContinualRun(s.task, trainer, s.bank, s.tokenizer, cfg.task.perplexity, stages, run_dir)
@@ -176,6 +183,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             metric, scores = "final_average_accuracy", sequence.scores()
         else:
             metric, scores = s.task.metric, results.best_and_last(history.evals, s.task.metric)
+        scores.update(getattr(s.task, "result_counts", dict)())
+        if s.mc:
+            scores.update({**(s.mc_before or {}), **s.mc.score(s.model, trainer.device, trainer.autocast)})
+            if dp.is_main:
+                s.mc.write(run_dir)
         if cfg.save_adapter and dp.is_main:
             save_adapter(s.model, run_dir / "adapter.safetensors")
         summary = results.summarize(cfg, s.task.name, metric, s.method, trainer, history, s.params,
@@ -183,7 +195,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                     {**scores, **trainer.extras, **stage_steps(history), **s.load_info,
                                      "run_dir": str(run_dir)})
         if dp.is_main:
-            results.write_run_files(cfg, run_dir, summary)
+            tables = {} if sequence else results.tables_of(history.evals, s.task.metric)
+            results.write_run_files(cfg, run_dir, summary, tables)
             csv_path = Path(cfg.results_csv)
             if not (resume and any(r.get("run_dir") == str(run_dir) for r in results.read_rows(csv_path))):
                 results.append_row(csv_path, summary)  # (a run killed after its row, then resumed: still one row)

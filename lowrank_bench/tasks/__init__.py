@@ -11,7 +11,9 @@ REGISTRY = {
     "continual": "lowrank_bench.tasks.continual:ContinualTask",  # a sequence of the others
     "e2e": "lowrank_bench.tasks.e2e:E2ETask",
     "glue": "lowrank_bench.tasks.glue:GlueTask",
+    "ner": "lowrank_bench.tasks.ner:NerTask",
     "sentiment140": "lowrank_bench.tasks.sentiment:Sentiment140",
+    "sft": "lowrank_bench.tasks.sft:SftTask",  # instruction tuning of decoder LMs (CoLA's domains)
     "toy": "lowrank_bench.tasks.toy:ToySentiment",
 }
 

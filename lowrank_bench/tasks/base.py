@@ -39,14 +39,14 @@ def data_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def local_data_folder(cfg, shared_subpath: str, expected: str) -> Path | None:
-    """`task.data_dir` when set (it must exist), else `$LRBENCH_DATA_DIR/<shared_subpath>` when that exists, else
+def local_data_folder(cfg, shared_subpath: str, expected: str, group: str = "task") -> Path | None:
+    """`<group>.data_dir` when set (it must exist), else `$LRBENCH_DATA_DIR/<shared_subpath>` when that exists, else
     None (the Hub, where the family has one). `expected` says what the folder should hold, for the error."""
     configured = cfg.get("data_dir")
     if configured:
         folder = Path(str(configured)).expanduser()
         if not folder.is_dir():
-            raise LrbenchError(f"task.data_dir={configured}: no such folder (expected {expected})")
+            raise LrbenchError(f"{group}.data_dir={configured}: no such folder (expected {expected})")
         return folder
     shared = data_dir()
     if shared and (shared / shared_subpath).is_dir():
