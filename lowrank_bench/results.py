@@ -210,6 +210,10 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     shown = ["trainable_params", "adapter_params", "head_params", "trainable_pct", "best_step"]
     shown += [k for k in summary if k.startswith(("best_", "last_", "final_")) and k not in ("best_step", "last_step")]
     shown += [k for k in summary if k.startswith(("mc_accuracy", "mc_macro_accuracy", "mc_items", "sft_"))]
+    if summary.get("mode") == "eval":  # an evaluation's measures carry their plain names, after `metric`
+        keys = list(summary)
+        shown += [k for k in keys[keys.index("metric") + 1:keys.index("evaluated_run")] if k != "degenerate"]
+        shown += ["evaluated_run"]
     shown += ["backward_transfer", "average_forgetting", "ppl_before", "ppl_after", "degenerate", "train_steps",
               "time_per_step_ms", "samples_per_s", "wall_time_s", "peak_mem_mb", "device", "git_commit"]
     for key in [k for k in shown if k in summary]:

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", action="append", help="columns to show (default: every best_* metric)")
     parser.add_argument("--paper", help="a CSV of published numbers (results/paper_numbers.csv) to set ours against")
     args = parser.parse_args(argv)
-    rows = read_rows(Path(args.csv))
+    rows = [r for r in read_rows(Path(args.csv)) if r.get("mode", "train") != "eval"]  # evaluations: no best_*
     if not rows:
         raise SystemExit(f"no result rows in {args.csv}")
     console = Console()

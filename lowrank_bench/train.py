@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from rich.text import Text
 
-from lowrank_bench import mc_eval, methods, models, results, tasks
+from lowrank_bench import evaluate, mc_eval, methods, models, results, tasks
 from lowrank_bench.console import console
 from lowrank_bench.continual import ContinualRun
 from lowrank_bench.errors import LrbenchError
@@ -189,6 +189,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             if dp.is_main:
                 s.mc.write(run_dir)
         if cfg.save_adapter and dp.is_main:
+            for param in stages_unique(p for stage in stages for p in stage.params):
+                param.requires_grad_(True)  # what every stage trained (earlier tasks' heads too), not the last's only
+            if s.bank:  # the head in use is shared under two names: save with the first in use, as prepare() has it
+                s.bank.use(s.task.plans[0].name)
             save_adapter(s.model, run_dir / "adapter.safetensors")
         summary = results.summarize(cfg, s.task.name, metric, s.method, trainer, history, s.params,
                                     time.perf_counter() - started, origin,
@@ -214,6 +218,11 @@ def stage_steps(history) -> dict:
     return {f"{name.replace('/', '_')}_steps": n for name, n in steps.items()} if len(steps) > 1 else {}
 
 
+def command_line_groups() -> set[str]:
+    """The top-level keys this command's overrides touch (`task=...`, `task.max_length=...`: task)."""
+    return {o.split("=")[0].lstrip("+~").split(".")[0] for o in HydraConfig.get().overrides.task}
+
+
 def job(cfg: DictConfig) -> float | None:
     """One Hydra job. Kept undecorated under its own name so that launchers which pickle it (joblib, submitit)
     pickle a reference, not the function's globals. Under torchrun (or several submitit tasks) every process runs
@@ -225,8 +234,13 @@ def job(cfg: DictConfig) -> float | None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        if cfg.mode not in evaluate.MODES:
+            raise LrbenchError(f"mode={cfg.mode}: choose one of {', '.join(evaluate.MODES)}")
         dp = distributed.init(cfg.trainer.device)
-        summary = run(cfg, distributed.main_folder(run_dir))
+        if cfg.mode == "eval":
+            summary = evaluate.evaluate_run(cfg, run_dir, command_line_groups())
+        else:
+            summary = run(cfg, distributed.main_folder(run_dir))
     except LrbenchError as err:
         console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
         sys.exit(2)
@@ -238,7 +252,7 @@ def job(cfg: DictConfig) -> float | None:
         distributed.shutdown()
     if dp.is_main:
         results.print_summary(summary)
-    return summary.get(f"best_{summary['metric']}")
+    return summary.get(f"best_{summary['metric']}", summary.get(summary["metric"]))
 
 
 main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(job)

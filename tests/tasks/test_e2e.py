@@ -270,8 +270,9 @@ def test_every_method_runs_end_to_end_on_e2e(tmp_path):
 @needs_data
 def test_peft_loha_runs_on_e2e_with_a_llama(tmp_path):
     cfg = compose_cfg("method=peft/loha", "model=tiny-llama", *FAST, *E2E_FAST)
-    summary = run(cfg, tmp_path)
+    summary = run(cfg, tmp_path / "run")
     assert summary["task"] == "e2e/dev_by_mr" and math.isfinite(summary["best_BLEU"])
+    assert (tmp_path / "run" / "e2e" / "validation-mrs.txt").is_file()  # in-process too, in the run's own folder
 
 
 @needs_data
