@@ -63,13 +63,14 @@ _CACHE: dict = {}
 
 def base_model(name: str, num_labels: int = 2, seed: int = 0):
     """A fresh copy of a (cached) model with a sequence-classification head: weights identical on every call."""
-    if name not in _CACHE:
+    key = (name, num_labels, seed)  # (the name alone let a 3-label copy reach a later 2-label test)
+    if key not in _CACHE:
         torch.manual_seed(seed)
         cfg = model_cfg(name)
         tokenizer = load_tokenizer(cfg)
-        _CACHE[name] = (load_model(cfg, Head("sequence_classification", num_labels), tokenizer.pad_token_id).eval(),
-                        tokenizer)
-    model, tokenizer = _CACHE[name]
+        _CACHE[key] = (load_model(cfg, Head("sequence_classification", num_labels), tokenizer.pad_token_id).eval(),
+                       tokenizer)
+    model, tokenizer = _CACHE[key]
     return copy.deepcopy(model), tokenizer
 
 

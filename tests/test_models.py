@@ -14,7 +14,7 @@ from lowrank_bench.models import (Head, count_parameters, gguf_cache_folder, hub
                                   load_tokenizer, package_folder, resolve_location)
 from tests.conftest import CONF, base_model, batch_for, model_cfg
 
-DECODERS = {"gpt2-large", "gpt2-medium", "mistral-7b", "smollm2-135m", "tiny-gpt2", "tiny-gpt2-bpe", "tiny-llama"}
+DECODERS = {"gpt2-large", "gpt2-medium", "llama-3.1-8b", "llama-3.2-3b", "mistral-7b", "smollm2-135m", "tiny-gpt2", "tiny-gpt2-bpe", "tiny-llama"}
 
 
 def test_unreachable_hub_without_cache_fails_fast_and_says_what_to_do():
