@@ -39,7 +39,9 @@ def git_commit() -> str:
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version()}
+    from lowrank_bench import __version__
+
+    out = {"lrbench": __version__, "python": platform.python_version()}
     for package in ("torch", "transformers", "peft", "datasets", "hydra-core"):
         try:
             out[package.replace("-core", "")] = version(package)

@@ -1,0 +1,480 @@
+"""`lrbench-export <run_dir> --format peft|merged --out <folder>`: hand a trained run to the tools people use.
+
+The run is rebuilt from its folder (`load_run`: its config_resolved.yaml, then its adapter.safetensors), then
+written in one of two formats, each with a model card (README.md: base model, method, rank, task, the run's
+metrics, lrbench version and commit):
+
+- `peft`: `adapter_config.json` + `adapter_model.safetensors`, which `peft.PeftModel.from_pretrained(base, out)`
+  loads over the base model with the task's head class (`AutoModelForSequenceClassification`, ...). The trained
+  head is in `modules_to_save`. Our lora is peft's LoRA (scaling lora_alpha / r, or / sqrt(r) with `use_rslora`);
+  dora, and bidora in its standard orientation (DoRA at inference), are `use_dora=True` with our magnitudes as
+  `lora_magnitude_vector`. A `peft/<name>` run keeps its own peft config. Other methods cannot be expressed.
+- `merged`: the base model with the update merged into its weights, every adapted layer a plain `nn.Linear` or
+  GPT-2 `Conv1D` again: `save_pretrained` (safetensors) plus the tokenizer, loadable by
+  `transformers.AutoModelFor...from_pretrained(out)` alone. Every method.
+
+A decoder classifier (heads.py `DecoderClassifier`: a causal LM and a linear `score` on the last real token)
+becomes the architecture's `...ForSequenceClassification` (the LM's backbone, our `score`, `pad_token_id` in the
+config; module names lose their `lm.` prefix). That class reads the last non-pad token and numbers positions from
+the left, which equals our reading for right-padded input, so the exported tokenizer pads on the right and does
+not return `token_type_ids` (which GPT-2 would add to its input embeddings; our classifier drops them).
+
+Nothing is half-written: the export is built in a hidden folder beside `--out` and renamed into place at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lowrank_bench.errors import LrbenchError
+
+if TYPE_CHECKING:
+    from lowrank_bench.train import Setup
+
+FORMATS = ("peft", "merged")
+#: our methods that are peft's LoRA / DoRA at inference
+AS_PEFT_LORA = {"lora": False, "dora": True, "bidora": True}  # method -> use_dora
+#: peft initialisations that leave a residual in the base weights: the adapter alone does not reproduce the run
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
+PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS",
+                   "causal_lm": "CAUSAL_LM"}
+AUTO_CLASSES = {"sequence_classification": "AutoModelForSequenceClassification",
+                "token_classification": "AutoModelForTokenClassification", "causal_lm": "AutoModelForCausalLM"}
+PEFT_PREFIX = "base_model.model."  # what peft puts before a module's name in its saved state dicts
+
+
+# -- rebuilding a run --------------------------------------------------------------------------------------------
+def run_files(run_dir: Path) -> tuple[Path, Path]:
+    """(config_resolved.yaml, adapter.safetensors) of a run folder, or a clear error."""
+    if not run_dir.is_dir():
+        raise LrbenchError(f"{run_dir}: no such run folder")
+    config, adapter = run_dir / "config_resolved.yaml", run_dir / "adapter.safetensors"
+    if not config.is_file():
+        raise LrbenchError(f"{run_dir}: no config_resolved.yaml (not a run folder of lrbench?)")
+    if not adapter.is_file():
+        raise LrbenchError(f"{run_dir}: no adapter.safetensors (the run was made with save_adapter=false?)")
+    return config, adapter
+
+
+def run_config(run_dir: Path) -> DictConfig:
+    """The run's resolved config, without the multiple-choice benchmark (scored by lrbench-mc, not here)."""
+    config, _ = run_files(Path(run_dir))
+    run_cfg = OmegaConf.load(config)
+    run_cfg.eval = None
+    return run_cfg
+
+
+def load_run(run_dir) -> tuple[Setup, DictConfig]:
+    """(the train.Setup of a finished run, with its adapter and head loaded; its resolved config). The model is
+    built as the run built it (task tokenised, which needs its data; model with the task's head; method applied)."""
+    from lowrank_bench.evaluate import rebuild
+
+    run_dir = Path(run_dir).expanduser()
+    run_cfg = run_config(run_dir)
+    return rebuild(run_cfg, run_dir / "adapter.safetensors"), run_cfg
+
+
+# -- what a method can be exported as ----------------------------------------------------------------------------
+def is_peft_run(method_cfg) -> bool:
+    return str(method_cfg.name).startswith("peft/")
+
+
+def check_format(run_cfg: DictConfig, fmt: str) -> None:
+    """Refuse, from the config alone (before anything slow), a format the run's method cannot take."""
+    if fmt not in FORMATS:
+        raise LrbenchError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    method = run_cfg.method
+    if str(run_cfg.task.get("family")) == "continual":
+        raise LrbenchError(f"task={run_cfg.task.name} is a continual sequence with one head per task; "
+                           "lrbench-export exports single-task runs")
+    if fmt == "merged":
+        return
+    if is_peft_run(method):
+        init = str((method.get("config") or {}).get("init_lora_weights", "")).lower()
+        if init.startswith(RESIDUAL_INITS):
+            raise LrbenchError(f"method={method.name} (init_lora_weights={init}) trains over a residual of the base "
+                               "weights, so its adapter does not apply to the original model; use --format merged")
+        return
+    if method.name not in AS_PEFT_LORA:
+        raise LrbenchError(f"method={method.name} cannot be expressed as a peft adapter; use --format merged")
+    if method.name == "bidora" and method.get("orientation", "standard") != "standard":
+        raise LrbenchError(f"method=bidora with orientation={method.orientation} (column magnitudes, transposed "
+                           "weight) cannot be expressed as a peft adapter; use --format merged")
+
+
+# -- names -------------------------------------------------------------------------------------------------------
+def backbone_model(model: nn.Module) -> nn.Module:
+    """The model under a PeftModel wrapper (our DecoderClassifier or a transformers model)."""
+    from peft import PeftModel
+
+    return model.base_model.model if isinstance(model, PeftModel) else model
+
+
+def exported_name(name: str, model: nn.Module) -> str:
+    """A module's name in the exported transformers model: a decoder classifier's LM loses its `lm.` prefix."""
+    from lowrank_bench.heads import DecoderClassifier
+
+    if not isinstance(model, DecoderClassifier) or name == "score" or name.startswith("score."):
+        return name
+    if not name.startswith("lm.") or name.startswith("lm.lm_head"):
+        raise LrbenchError(f"'{name}' has no counterpart in a ...ForSequenceClassification model (no LM head there)")
+    return name.removeprefix("lm.")
+
+
+def head_module_names(setup) -> list[str]:
+    from lowrank_bench.train import head_modules
+
+    return head_modules(backbone_model(setup.model), setup.task.head)
+
+
+def head_tensors(model: nn.Module, heads: list[str]) -> dict[str, torch.Tensor]:
+    """The head's parameters under peft's `modules_to_save` naming (`base_model.model.classifier.dense.weight`)."""
+    from lowrank_bench.methods.base import is_head
+
+    return {PEFT_PREFIX + exported_name(name, model): p for name, p in model.named_parameters() if is_head(name, heads)}
+
+
+def target_modules(names: list[str], all_names: list[str]) -> list[str]:
+    """peft's `target_modules`: the short names (`query`, `value`) when they select exactly the adapted modules
+    (peft matches a target against a module name or its '.'-suffix), else the full names."""
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    selected = {n for n in all_names if n.rsplit(".", 1)[-1] in short}
+    return short if selected == set(names) else sorted(names)
+
+
+def plain_module_names(model: nn.Module) -> list[str]:
+    """Module names as the exported model has them (inside an adapted layer: not modules of their own there)."""
+    from lowrank_bench.methods.base import adapted_layers
+
+    inner = tuple(f"{name}." for name in adapted_layers(model))
+    names = [n for n, _ in model.named_modules() if n and not n.startswith(inner)]
+    return [exported_name(n, model) for n in names if n != "lm" and not n.startswith("lm.lm_head")]
+
+
+# -- the base model ----------------------------------------------------------------------------------------------
+def base_model_reference(model_cfg) -> str | None:
+    """Where the base weights come from, as `from_pretrained` takes it; None for a model built from its config."""
+    from lowrank_bench import models
+
+    if model_cfg.get("path"):
+        return str(Path(str(model_cfg.path)).expanduser().resolve())
+    if model_cfg.get("gguf_file"):
+        return str(models.gguf_cache_folder(model_cfg))
+    if model_cfg.source == "package":
+        return models.package_folder(str(model_cfg.id))
+    if model_cfg.source == "hub":
+        return str(model_cfg.id)
+    return None
+
+
+def describe_base(model_cfg, seed: int) -> str:
+    where = base_model_reference(model_cfg)
+    if model_cfg.source == "package":
+        return f"{model_cfg.name} (package `{model_cfg.id}`, {where})"
+    if where:
+        return f"{model_cfg.name} (`{where}`)"
+    return f"{model_cfg.name} (built from its config with random weights under seed {seed}: no checkpoint exists)"
+
+
+# -- peft format -------------------------------------------------------------------------------------------------
+def peft_config_of_lora_run(setup, run_cfg: DictConfig, heads: list[str], conv1d: bool):
+    from peft import LoraConfig
+
+    from lowrank_bench.methods.base import adapted_layers
+
+    c = run_cfg.method
+    names = [exported_name(n, setup.model) for n in adapted_layers(setup.model)]
+    return LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.get("dropout", 0.0), use_rslora=c.get("rslora", False),
+                      use_dora=AS_PEFT_LORA[c.name], fan_in_fan_out=conv1d,
+                      target_modules=target_modules(names, plain_module_names(setup.model)),
+                      modules_to_save=heads or None, task_type=PEFT_TASK_TYPES[setup.task.head.kind],
+                      base_model_name_or_path=base_model_reference(run_cfg.model), inference_mode=True)
+
+
+def lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Our LoRA/DoRA factors under peft's saved names (the adapter name left out, as peft saves them)."""
+    from lowrank_bench.methods.base import adapted_layers
+
+    tensors = {}
+    for name, layer in adapted_layers(model).items():
+        key = PEFT_PREFIX + exported_name(name, model)
+        tensors[f"{key}.lora_A.weight"] = layer.lora_A
+        tensors[f"{key}.lora_B.weight"] = layer.lora_B
+        if hasattr(layer, "magnitude"):  # DoRA: m per output row, as peft's DoraLinearLayer.weight
+            tensors[f"{key}.lora_magnitude_vector"] = layer.magnitude
+    return tensors
+
+
+def peft_adapter_of_lora_run(setup, run_cfg: DictConfig):
+    from lowrank_bench.methods.base import adapted_layers
+
+    layers = adapted_layers(setup.model)
+    heads = head_module_names(setup)
+    config = peft_config_of_lora_run(setup, run_cfg, heads, any(layer.fan_in_fan_out for layer in layers.values()))
+    return config, {**lora_tensors(setup.model), **head_tensors(setup.model, heads)}
+
+
+def peft_adapter_of_peft_run(setup, run_cfg: DictConfig):
+    """A peft/<name> run: peft's own state dict and config, renamed for the exported model, the head added."""
+    from peft.utils import get_peft_model_state_dict
+
+    peft_model = setup.model
+    inner = backbone_model(peft_model)
+    heads = head_module_names(setup)
+    config = copy.deepcopy(peft_model.peft_config["default"])
+    state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    tensors = {PEFT_PREFIX + exported_name(k.removeprefix(PEFT_PREFIX), inner): v for k, v in state.items()}
+    config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads)) or None
+    config.task_type = PEFT_TASK_TYPES[setup.task.head.kind]
+    config.base_model_name_or_path = base_model_reference(run_cfg.model)
+    config.inference_mode = True
+    return config, {**tensors, **head_tensors(inner, heads)}
+
+
+def write_peft(setup, run_cfg: DictConfig, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    build = peft_adapter_of_peft_run if is_peft_run(run_cfg.method) else peft_adapter_of_lora_run
+    config, tensors = build(setup, run_cfg)
+    config.save_pretrained(str(folder))
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+# -- merged format -----------------------------------------------------------------------------------------------
+def replace_adapted_layers(model: nn.Module) -> None:
+    """Put each (merged) adapted layer's base module back in its place."""
+    from lowrank_bench.methods.base import adapted_layers
+
+    for name, layer in adapted_layers(model).items():
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer.base)
+
+
+def merged_backbone(setup) -> nn.Module:
+    """The trained model with every update merged in and no adapter module left."""
+    from peft import PeftModel
+
+    if isinstance(setup.model, PeftModel):
+        return setup.model.merge_and_unload()
+    setup.method.merge(setup.model)
+    replace_adapted_layers(setup.model)
+    return setup.model
+
+
+def skeleton(auto_class_name: str, config):
+    """An empty (meta-device) model of a transformers Auto class: its module and parameter names, no memory."""
+    import transformers
+
+    with torch.device("meta"):
+        return getattr(transformers, auto_class_name).from_config(config)
+
+
+def as_sequence_classifier(decoder, pad_token_id: int, regression: bool):
+    """A DecoderClassifier as the architecture's ...ForSequenceClassification: the LM's backbone and our score,
+    moved (not copied) into an empty model of that class."""
+    score = decoder.score
+    if not isinstance(score, nn.Linear) or score.bias is not None:
+        raise LrbenchError("this decoder classifier's head has a bias (head_protocol=curlora); transformers' "
+                           "...ForSequenceClassification has a bias-free `score`, so it cannot be expressed")
+    config = copy.deepcopy(decoder.lm.config)
+    config.num_labels = score.out_features
+    config.pad_token_id = pad_token_id
+    config.problem_type = "regression" if regression else "single_label_classification"
+    model = skeleton("AutoModelForSequenceClassification", config)
+    prefix = model.base_model_prefix
+    if prefix != decoder.lm.base_model_prefix:
+        raise LrbenchError(f"{type(model).__name__} keeps its backbone under '{prefix}', {type(decoder.lm).__name__} "
+                           f"under '{decoder.lm.base_model_prefix}': one cannot be mapped onto the other")
+    setattr(model, prefix, decoder.lm.base_model)
+    model.score = score
+    left_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left_empty:
+        raise LrbenchError(f"{type(model).__name__} has modules beyond its backbone and score ({left_empty[0]}); "
+                           "this decoder classifier cannot be expressed as one")
+    return model
+
+
+def drop_foreign_modules(model: nn.Module, auto_class_name: str) -> None:
+    """Remove what a method registered on the model beside transformers' modules (LoTR's shared factors), then
+    check that the model has exactly the parameters of its transformers class."""
+    expected = skeleton(auto_class_name, model.config)
+    for name in [n for n, _ in model.named_children() if not hasattr(expected, n)]:
+        delattr(model, name)
+    extra = set(model.state_dict()) - set(expected.state_dict())
+    missing = set(expected.state_dict()) - set(model.state_dict())
+    if extra or missing:
+        raise LrbenchError(f"the merged model is not a plain {type(expected).__name__}: unexpected "
+                           f"{sorted(extra)[:3]}, missing {sorted(missing)[:3]}")
+
+
+def exported_tokenizer(tokenizer, decoder_classifier: bool):
+    """The run's tokenizer; for a decoder classifier, padding on the right and without token_type_ids (see the
+    module docstring)."""
+    if decoder_classifier:
+        tokenizer.padding_side = "right"
+        tokenizer.model_input_names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
+        tokenizer.init_kwargs["model_input_names"] = tokenizer.model_input_names  # so that it is saved
+    return tokenizer
+
+
+def write_merged(setup, run_cfg: DictConfig, folder: Path) -> None:
+    from lowrank_bench.heads import DecoderClassifier
+
+    model = merged_backbone(setup)
+    decoder_classifier = isinstance(model, DecoderClassifier)
+    if decoder_classifier:
+        model = as_sequence_classifier(model, setup.tokenizer.pad_token_id, setup.task.head.regression)
+    auto = AUTO_CLASSES[setup.task.head.kind]
+    drop_foreign_modules(model, auto)
+    model.save_pretrained(str(folder))
+    exported_tokenizer(setup.tokenizer, decoder_classifier).save_pretrained(str(folder))
+
+
+# -- model card --------------------------------------------------------------------------------------------------
+def run_summary(run_dir: Path) -> dict:
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def metric_lines(summary: dict) -> list[str]:
+    """The run's measures: every number recorded for its best and last evaluation (and a continual run's finals)."""
+    keys = [k for k, v in summary.items() if k.startswith(("best_", "last_", "final_"))
+            and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return [f"| {k} | {summary[k]:.4f} |" if isinstance(summary[k], float) else f"| {k} | {summary[k]} |"
+            for k in keys]
+
+
+def lrbench_version() -> str:
+    from lowrank_bench import __version__
+
+    return __version__
+
+
+def usage(fmt: str, auto: str, base: str | None, base_kwargs: str) -> str:
+    if fmt == "merged":
+        return (f"```python\nfrom transformers import {auto}, AutoTokenizer\n"
+                f"model = {auto}.from_pretrained(\"<this folder>\")\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")\n```")
+    return (f"```python\nfrom peft import PeftModel\nfrom transformers import {auto}\n"
+            f"base = {auto}.from_pretrained(\"{base or '<the base weights>'}\"{base_kwargs})\n"
+            f"model = PeftModel.from_pretrained(base, \"<this folder>\")\n```")
+
+
+def base_kwargs(head, pad_token_id: int | None, decoder: bool) -> str:
+    """The keyword arguments that give the base model the trained head's shape (and a decoder its pad token)."""
+    if head.kind == "causal_lm":
+        return ""
+    out = f", num_labels={1 if head.regression else head.num_labels}"
+    return out + (f", pad_token_id={pad_token_id}" if decoder and head.kind == "sequence_classification" else "")
+
+
+def model_card(run_cfg: DictConfig, summary: dict, fmt: str, head, pad_token_id: int | None) -> str:
+    """README.md of an export: what was trained, how well, with which code, and how to load it."""
+    method = run_cfg.method
+    rank = summary.get("rank", method.get("r", ""))
+    base = base_model_reference(run_cfg.model)
+    decoder = str(run_cfg.model.kind) == "decoder"
+    lines = [
+        "---", f"library_name: {'peft' if fmt == 'peft' else 'transformers'}",
+        *([f"base_model: {base}"] if base else []), f"tags: [lrbench, {method.name}]", "---", "",
+        f"# {method.name} · {run_cfg.model.name} · {run_cfg.task.name}", "",
+        f"Exported by `lrbench-export --format {fmt}` from the run in `{summary.get('run_dir', '?')}`.", "",
+        f"- base model: {describe_base(run_cfg.model, run_cfg.seed)}",
+        f"- method: {method.name}" + (f", rank {rank}" if rank not in ("", None) else ""),
+        f"- task: {run_cfg.task.name} (metric: {summary.get('metric', '?')}), seed {run_cfg.seed}",
+        (f"- lrbench version {summary.get('lrbench', lrbench_version())}, "
+         f"commit of the run: {summary.get('git_commit', 'unknown')}"),
+        *(["- the run's last evaluation predicted a single class (`degenerate` in its summary)"]
+          if summary.get("degenerate") else []),
+        "", "## Metrics of the run", "", "| measure | value |", "|---|---|", *metric_lines(summary),
+        "", "## Loading", "", usage(fmt, AUTO_CLASSES[head.kind], base, base_kwargs(head, pad_token_id, decoder)), "",
+    ]
+    if decoder and head.kind == "sequence_classification":
+        lines += [("The classifier reads the last non-pad token: pad on the right and pass no token_type_ids "
+                   "(the tokenizer of a merged export does both)."), ""]
+    return "\n".join(lines)
+
+
+# -- writing the folder ------------------------------------------------------------------------------------------
+def check_destination(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise LrbenchError(f"--out {out}: a file is in the way")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LrbenchError(f"--out {out} exists and is not empty; remove it or pass --overwrite")
+
+
+@contextmanager
+def staged_folder(out: Path, overwrite: bool):
+    """A hidden folder beside `out` to write into; renamed to `out` when the block succeeds, removed otherwise."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.tmp")
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:  # Ctrl-C included
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replaced = None
+    if out.is_dir() and (overwrite or not any(out.iterdir())):
+        replaced = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.old")
+        os.rename(out, replaced)
+    os.rename(staging, out)
+    if replaced:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def export(run_dir, fmt: str, out, overwrite: bool = False) -> Path:
+    """Export the run in `run_dir` as `fmt` into the folder `out` (see the module docstring); returns `out`."""
+    run_dir, out = Path(run_dir).expanduser(), Path(out).expanduser()
+    check_destination(out, overwrite)
+    run_cfg = run_config(run_dir)
+    check_format(run_cfg, fmt)
+    setup, run_cfg = load_run(run_dir)
+    with torch.no_grad(), staged_folder(out, overwrite) as folder:
+        setup.model.eval()
+        (write_peft if fmt == "peft" else write_merged)(setup, run_cfg, folder)
+        card = model_card(run_cfg, run_summary(run_dir), fmt, setup.task.head, setup.tokenizer.pad_token_id)
+        (folder / "README.md").write_text(card)
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lrbench-export", description="Export a finished run as a peft adapter "
+                                     "or as a merged transformers model, with a model card (README.md).")
+    parser.add_argument("run_dir", help="a run folder (config_resolved.yaml, adapter.safetensors, summary.json)")
+    parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
+                        help="peft: adapter_config.json + adapter_model.safetensors; merged: a full transformers model")
+    parser.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    from rich.text import Text
+
+    from lowrank_bench.console import console
+
+    args = parse_args(argv)
+    try:
+        out = export(args.run_dir, args.fmt, args.out, args.overwrite)
+    except LrbenchError as err:
+        console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
+        sys.exit(2)
+    console.print(f"exported {args.run_dir} as {args.fmt} to {out}")
+
+
+if __name__ == "__main__":
+    main()
