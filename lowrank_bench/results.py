@@ -209,7 +209,8 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     table = Table(title=f"{summary['method']} · {summary['model']} · {summary['task']} · seed {summary['seed']}")
     table.add_column("field")
     table.add_column("value", justify="right")
-    shown = ["trainable_params", "adapter_params", "head_params", "trainable_pct", "best_step"]
+    shown = ["status", "diverged_at_step", "trainable_params", "adapter_params", "head_params", "trainable_pct",
+             "best_step"]
     shown += [k for k in summary if k.startswith(("best_", "last_", "final_")) and k not in ("best_step", "last_step")]
     shown += [k for k in summary if k.startswith(("mc_accuracy", "mc_macro_accuracy", "mc_items", "sft_"))]
     if summary.get("mode") == "eval":  # an evaluation's measures carry their plain names, after `metric`

@@ -68,14 +68,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("csv", nargs="?", default="results/runs.csv")
     parser.add_argument("--metric", action="append", help="columns to show (default: every best_* metric)")
     parser.add_argument("--paper", help="a CSV of published numbers (results/paper_numbers.csv) to set ours against")
+    parser.add_argument("--include-diverged", action="store_true", help="average diverged runs in too")
     args = parser.parse_args(argv)
     rows = [r for r in read_rows(Path(args.csv)) if r.get("mode", "train") != "eval"]  # evaluations: no best_*
+    diverged = [r for r in rows if r.get("status") == "diverged"]
+    if not args.include_diverged:
+        rows = [r for r in rows if r.get("status") != "diverged"]
     if not rows:
         raise SystemExit(f"no result rows in {args.csv}")
     console = Console()
     if not console.is_terminal:  # piped or in CI: do not squeeze the table into 80 columns
         console = Console(width=160)
     console.print(comparison(rows, args.metric))
+    if diverged and not args.include_diverged:
+        console.print(f"left out: {len(diverged)} diverged run(s) ("
+                      + ", ".join(f"{r['method']} {r['task']} seed {r['seed']}" for r in diverged)
+                      + "); --include-diverged keeps them")
     if args.paper:
         console.print(against_papers(rows, read_rows(Path(args.paper))))
 

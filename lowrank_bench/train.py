@@ -35,7 +35,7 @@ from lowrank_bench.stages import overridden, stages_for
 from lowrank_bench.stages import unique as stages_unique
 from lowrank_bench.tasks.base import HEAD_MODULES, Task
 from lowrank_bench.tasks.continual import ContinualTask
-from lowrank_bench.trainer import Trainer
+from lowrank_bench.trainer import Diverged, Trainer
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenisation is done once, before any worker forks
@@ -176,19 +176,29 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             sequence.logger = logger
             if not resume:  # a resumed run has its starting perplexity in the checkpoint
                 sequence.before_first_stage()
-        history = trainer.run(stages, resume)
-        if sequence:
+        try:
+            history, diverged = trainer.run(stages, resume), None
+        except Diverged as stop:
+            history, diverged = trainer.history, stop
+            console.print(f"[bold red]{stop}: the run stops; its row says status=diverged")
+        if diverged:
+            metric = "final_average_accuracy" if sequence else s.task.metric
+            scores = results.best_and_last(history.evals, metric) if history.evals and not sequence else {}
+            scores.update(status="diverged", diverged_stage=diverged.stage, diverged_at_step=diverged.step,
+                          **{f"last_finite_train_{k}": v for k, v in diverged.last_finite.items()})
+        elif sequence:
             if dp.is_main:
                 sequence.write_files()
-            metric, scores = "final_average_accuracy", sequence.scores()
+            metric, scores = "final_average_accuracy", {"status": "finished", **sequence.scores()}
         else:
-            metric, scores = s.task.metric, results.best_and_last(history.evals, s.task.metric)
+            metric, scores = s.task.metric, {"status": "finished",
+                                             **results.best_and_last(history.evals, s.task.metric)}
         scores.update(getattr(s.task, "result_counts", dict)())
-        if s.mc:
+        if s.mc and not diverged:
             scores.update({**(s.mc_before or {}), **s.mc.score(s.model, trainer.device, trainer.autocast)})
             if dp.is_main:
                 s.mc.write(run_dir)
-        if cfg.save_adapter and dp.is_main:
+        if cfg.save_adapter and dp.is_main and not diverged:  # (a diverged run's weights are not worth keeping)
             for param in stages_unique(p for stage in stages for p in stage.params):
                 param.requires_grad_(True)  # what every stage trained (earlier tasks' heads too), not the last's only
             if s.bank:  # the head in use is shared under two names: save with the first in use, as prepare() has it

@@ -54,6 +54,21 @@ def autocast_for(device: torch.device, precision: str):
     return precision, partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
+class Diverged(Exception):
+    """A training loss became NaN or infinite: the run stops there (checked at logging steps, where the loop reads
+    its losses anyway, so at most `log_every` steps late)."""
+
+    def __init__(self, stage: str, step: int, losses: dict[str, float], last_finite: dict[str, float]):
+        self.stage, self.step, self.losses, self.last_finite = stage, step, losses, last_finite
+        shown = " ".join(f"{k}={v}" for k, v in losses.items())
+        super().__init__(f"the training loss diverged at step {step} of stage {stage} ({shown})")
+
+
+def finite_or_none(record: dict) -> dict:
+    """metrics.jsonl stays strict JSON: a NaN or infinite number is written as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
 @dataclass
 class History:
     evals: list[dict] = field(default_factory=list)
@@ -265,7 +280,10 @@ class Trainer:
             raw = rule.step()
             self.global_step += 1
             if step % self.tc.log_every == 0 or step % eval_every == 0 or step == total:
-                logs = {k: float(v) for k, v in raw.items()}  # the only host sync of the loop
+                finite, logs = logs, {k: float(v) for k, v in raw.items()}  # the only host sync of the loop
+                if not all(math.isfinite(v) for v in logs.values()):
+                    self.account(stage, step, time.perf_counter() - start)
+                    raise Diverged(stage.name, self.global_step, logs, finite)
                 self.sync()
                 elapsed = stage_seconds + time.perf_counter() - start
                 rate = (self.history.samples - stage_samples) / max(elapsed, 1e-9)
@@ -277,9 +295,7 @@ class Trainer:
                 self.sync()
                 seconds = time.perf_counter() - start
                 stage_seconds += seconds
-                self.history.train_seconds += seconds
-                self.history.train_steps += step - self.history.steps_per_stage.get(stage.name, 0)
-                self.history.steps_per_stage[stage.name] = step
+                self.account(stage, step, seconds)
                 record = self.evaluate(stage, logs)
                 if self.dp.is_main:
                     progress.console.print(self.format_eval(record))
@@ -295,6 +311,12 @@ class Trainer:
                         raise self.signals.interrupted(written)
         self.extras.update(rule.summary())
         return record
+
+    def account(self, stage: Stage, step: int, seconds: float) -> None:
+        """Training time and steps up to `step` of `stage` (evaluation time excluded)."""
+        self.history.train_seconds += seconds
+        self.history.train_steps += step - self.history.steps_per_stage.get(stage.name, 0)
+        self.history.steps_per_stage[stage.name] = step
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def due(self) -> bool:
@@ -423,7 +445,7 @@ class Trainer:
         if not self.dp.is_main:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
         if self.log:
             self.log(record, self.history.train_steps)
 

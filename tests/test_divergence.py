@@ -1,0 +1,63 @@
+"""A run whose loss becomes NaN stops at the next logging step, writes a row that says `status=diverged` (with the
+step), keeps metrics.jsonl strict JSON and saves no adapter; the tables leave it out unless asked."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lowrank_bench import tables
+from lowrank_bench.results import read_rows
+from lowrank_bench.train import run
+from tests.conftest import compose_cfg
+
+FAST = ["model=tiny-roberta", "trainer.progress=false", "trainer.log_every=2", "task.max_eval_samples=32"]
+
+
+def strict(text: str) -> list[dict]:
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+    return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("divergence")
+    csv_path = folder / "runs.csv"
+    common = [*FAST, f"results_csv={csv_path}", "trainer.eval_every=4"]
+    diverged = run(compose_cfg(*common, "optimizer.lr=1e6", "trainer.max_steps=12"), folder / "diverged")
+    finished = run(compose_cfg(*common, "trainer.max_steps=4"), folder / "finished")
+    return folder, csv_path, diverged, finished
+
+
+def test_a_nan_loss_stops_the_run_at_the_next_logging_step_and_the_row_says_so(runs):
+    folder, csv_path, diverged, finished = runs
+    assert diverged["status"] == "diverged" and finished["status"] == "finished"
+    assert diverged["diverged_at_step"] <= 4 and diverged["train_steps"] == diverged["diverged_at_step"]
+    assert not (folder / "diverged" / "adapter.safetensors").exists()
+    assert (folder / "finished" / "adapter.safetensors").exists()
+    rows = read_rows(csv_path)
+    assert [r["status"] for r in rows] == ["diverged", "finished"]
+    for name in ("diverged", "finished"):  # strict JSON, whatever the run measured
+        records = strict((folder / name / "metrics.jsonl").read_text()) if (folder / name / "metrics.jsonl").exists() \
+            else []
+        assert all(v is None or not isinstance(v, float) or math.isfinite(v) for r in records for v in r.values())
+
+
+def test_tables_leave_diverged_runs_out_unless_asked(runs, capsys):
+    _, csv_path, _, _ = runs
+    tables.main([str(csv_path)])
+    out = capsys.readouterr().out
+    assert "left out: 1 diverged run(s) (lora toy/sentiment seed 0)" in out
+    assert "│ 1     │" in out  # one seed averaged: the finished run only
+    tables.main([str(csv_path), "--include-diverged"])
+    assert "left out" not in capsys.readouterr().out
+
+
+def test_a_non_finite_measure_is_written_as_null():
+    from lowrank_bench.trainer import finite_or_none
+
+    record = {"step": 3, "train_loss": float("nan"), "pearson": float("inf"), "accuracy": 0.5, "stage": "train"}
+    assert strict(json.dumps(finite_or_none(record), allow_nan=False)) == [
+        {"step": 3, "train_loss": None, "pearson": None, "accuracy": 0.5, "stage": "train"}]
