@@ -92,6 +92,14 @@ def tables_of(evals: list[dict], metric: str) -> dict:
             for k, v in record.items() if isinstance(v, (dict, list))}
 
 
+def config_hash(cfg) -> str:
+    """What a run's numbers depend on, the seed left out: rows with the same hash are seeds of one configuration
+    (the resolved config without where and how the run reports: checkpoint.identity)."""
+    from lowrank_bench.checkpoint import fingerprint, identity
+
+    return fingerprint({k: v for k, v in identity(cfg).items() if k != "seed"})
+
+
 def summarize(cfg, task_name: str, metric: str, method, trainer, history, params: dict[str, int],
               wall_seconds: float, origin: dict[str, str], scores: dict) -> dict:
     """One result row: what ran, its measures (`scores`), its cost and where it came from."""
@@ -99,6 +107,7 @@ def summarize(cfg, task_name: str, metric: str, method, trainer, history, params
     return {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": method.name, "model": cfg.model.name, "task": task_name, "seed": cfg.seed,
+        "config_hash": config_hash(cfg),
         "rank": method.rank if method.rank is not None else "",
         **params, "trainable_pct": round(100.0 * params["trainable_params"] / params["total_params"], 4),
         "metric": metric, **scores,

@@ -50,9 +50,12 @@ def test_tables_leave_diverged_runs_out_unless_asked(runs, capsys):
     tables.main([str(csv_path)])
     out = capsys.readouterr().out
     assert "left out: 1 diverged run(s) (lora toy/sentiment seed 0)" in out
-    assert "│ 1     │" in out  # one seed averaged: the finished run only
-    tables.main([str(csv_path), "--include-diverged"])
-    assert "left out" not in capsys.readouterr().out
+    assert len([line for line in out.splitlines() if "toy/sentiment" in line and "│" in line]) == 1
+    tables.main([str(csv_path), "--include-diverged", "--show", "lr"])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "toy/sentiment" in line and "│" in line]
+    assert "left out" not in out and len(lines) == 2  # lr 1e6 is a configuration of its own
+    assert any("1000000.0" in line for line in lines)
 
 
 def test_a_non_finite_measure_is_written_as_null():
