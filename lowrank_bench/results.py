@@ -141,6 +141,7 @@ def append_row(path: Path, row: dict) -> None:
     with FileLock(str(path) + ".lock", timeout=300):
         header: list[str] = []
         if path.is_file() and path.stat().st_size > 0:
+            heal(path)
             with open(path, newline="") as handle:
                 header = next(csv.reader(handle), [])
         new = [k for k in row if k not in header]
@@ -152,10 +153,36 @@ def append_row(path: Path, row: dict) -> None:
         if header:
             with open(path, newline="") as handle:
                 rows = list(csv.DictReader(handle))
+            ragged = [r for r in rows if None in r]  # more cells than the header: not ours to guess
+            if ragged:
+                cells = io.StringIO()
+                csv.writer(cells, lineterminator="\n").writerows([r[h] for h in header] + r[None] for r in ragged)
+                quarantine(path, cells.getvalue())
+                rows = [r for r in rows if None not in r]
         columns = order_columns(header + new)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(render_rows(columns, rows + [row], with_header=True))
         os.replace(tmp, path)
+
+
+def heal(path: Path) -> None:
+    """A row torn by a writer killed mid-write (the file does not end in a newline) moves to `<csv>.torn`, so that
+    the next row starts on a line of its own. Call under the file's lock."""
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    quarantine(path, data[cut:].decode(errors="replace") + "\n")
+    with open(path, "r+b") as handle:
+        handle.truncate(cut)
+
+
+def quarantine(path: Path, text: str) -> None:
+    with open(path.with_name(path.name + ".torn"), "a") as handle:
+        handle.write(text)
+    from lowrank_bench.console import console
+
+    console.print(f"[yellow]{path}: {text.count(chr(10))} damaged row(s) moved to {path.name}.torn")
 
 
 def order_columns(columns: list[str]) -> list[str]:

@@ -43,3 +43,23 @@ def test_new_column_keeps_old_rows(tmp_path):
     rows = read_rows(path)
     assert rows == [{"method": "lora", "best_accuracy": "0.5", "best_f1": ""},
                     {"method": "dora", "best_accuracy": "", "best_f1": "0.7"}]
+
+
+def test_a_torn_last_row_is_quarantined_and_the_next_row_lands_whole(tmp_path):
+    path = tmp_path / "runs.csv"
+    append_row(path, {"method": "lora", "seed": 0})
+    with open(path, "a") as handle:
+        handle.write("dora,1,0.7")  # a writer killed mid-row: no newline
+    append_row(path, {"method": "ft", "seed": 2})
+    assert [(r["method"], r["seed"]) for r in read_rows(path)] == [("lora", "0"), ("ft", "2")]
+    assert (tmp_path / "runs.csv.torn").read_text() == "dora,1,0.7\n"
+
+
+def test_a_ragged_row_does_not_block_a_row_with_new_columns(tmp_path):
+    path = tmp_path / "runs.csv"
+    append_row(path, {"method": "lora", "seed": 0})
+    with open(path, "a") as handle:
+        handle.write("dora,1,extra,cells\n")  # more cells than the header
+    append_row(path, {"method": "ft", "seed": 2, "status": "finished"})  # a new column: the file is rewritten
+    assert [(r["method"], r["status"]) for r in read_rows(path)] == [("lora", ""), ("ft", "finished")]
+    assert (tmp_path / "runs.csv.torn").read_text() == "dora,1,extra,cells\n"  # kept whole, for a person to judge
