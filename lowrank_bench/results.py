@@ -133,6 +133,14 @@ def write_run_files(cfg, run_dir: Path, summary: dict, tables: dict | None = Non
     os.replace(tmp, run_dir / "summary.json")
 
 
+def write_status(run_dir: Path, status: str) -> None:
+    """`<run>/status`: running, finished, diverged, interrupted (checkpointed by a signal, to be resumed) or
+    failed."""
+    tmp = run_dir / "status.tmp"
+    tmp.write_text(status + "\n")
+    os.replace(tmp, run_dir / "status")
+
+
 def append_row(path: Path, row: dict) -> None:
     """Append one row under an exclusive lock. A row with a new column rewrites the file (atomically) with the
     union of the columns; otherwise the row is one write() at the end of the file."""

@@ -166,11 +166,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         trainer.states["continual"] = sequence  # its matrix and perplexities ride in every checkpoint
     if dp.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        results.write_status(run_dir, "running")
         if resume and launched_in != run_dir and launched_in.is_dir():
             (launched_in / "resumed.json").write_text(json.dumps({"continued": str(run_dir),
                                                                   "from": str(resume.path)}))
     trainer.log = logger = results.make_logger(cfg, run_dir) if dp.is_main else None
-    summary = None
+    summary, outcome = None, "failed"
     try:
         if sequence:
             sequence.logger = logger
@@ -216,9 +217,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 results.append_row(csv_path, summary)  # (a run killed after its row, then resumed: still one row)
             if store:
                 store.finish()
+    except checkpoint.Interrupted:
+        outcome = "interrupted"  # checkpointed; trainer.resume continues it
+        raise
     finally:
         if logger:
             logger.finish(summary)
+        if dp.is_main and run_dir.is_dir():
+            results.write_status(run_dir, summary["status"] if summary else outcome)
     return summary
 
 

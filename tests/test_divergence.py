@@ -64,3 +64,23 @@ def test_a_non_finite_measure_is_written_as_null():
     record = {"step": 3, "train_loss": float("nan"), "pearson": float("inf"), "accuracy": 0.5, "stage": "train"}
     assert strict(json.dumps(finite_or_none(record), allow_nan=False)) == [
         {"step": 3, "train_loss": None, "pearson": None, "accuracy": 0.5, "stage": "train"}]
+
+
+def test_run_folders_say_how_their_run_ended(runs):
+    folder = runs[0]
+    assert (folder / "finished" / "status").read_text() == "finished\n"
+    assert (folder / "diverged" / "status").read_text() == "diverged\n"
+
+
+def test_a_crash_leaves_failed_and_a_signal_stop_interrupted(tmp_path, monkeypatch):
+    from lowrank_bench import checkpoint
+    from lowrank_bench.trainer import Trainer
+
+    for error, status in ((RuntimeError("boom"), "failed"), (checkpoint.Interrupted(15, None, None), "interrupted")):
+        def stop(self, stages, resume=None, error=error):
+            raise error
+        monkeypatch.setattr(Trainer, "run", stop)
+        with pytest.raises(type(error)):
+            run(compose_cfg(*FAST, "trainer.max_steps=2", f"results_csv={tmp_path / 'runs.csv'}"), tmp_path / status)
+        assert (tmp_path / status / "status").read_text() == f"{status}\n"
+    assert not (tmp_path / "runs.csv").exists()  # no row for either

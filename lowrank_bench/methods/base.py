@@ -12,7 +12,9 @@ the same two checks for every method.
 """
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -229,7 +231,9 @@ def save_adapter(model: nn.Module, path) -> None:
 
     if any(layer.merged for layer in adapted_layers(model).values()):
         raise LrbenchError("unmerge the adapter before saving it")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in adapter_state_dict(model).items()}, str(path))
+    tmp = Path(f"{path}.tmp")  # written whole, then renamed: a killed run never leaves half a file
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in adapter_state_dict(model).items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def load_adapter(model: nn.Module, path) -> None:
