@@ -19,6 +19,8 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from lowrank_bench.errors import LrbenchError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LEADING_COLUMNS = ["timestamp", "method", "model", "task", "seed", "rank", "trainable_params", "adapter_params",
                    "head_params", "total_params", "trainable_pct", "metric"]
@@ -131,6 +133,29 @@ def write_run_files(cfg, run_dir: Path, summary: dict, tables: dict | None = Non
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps({**summary, **(tables or {})}, indent=2))
     os.replace(tmp, run_dir / "summary.json")
+
+
+def preflight(csv_path: Path, run_dir: Path) -> None:
+    """Before anything slow: the results CSV is lrbench's (or new) and writable, the run folder can be made, and a
+    set LRBENCH_DATA_DIR exists."""
+    from lowrank_bench.tasks.base import data_dir
+
+    data_dir()
+    csv_path = Path(csv_path)
+    if csv_path.is_dir():
+        raise LrbenchError(f"results_csv={csv_path} is a folder; give a file path (LRBENCH_RESULTS_CSV)")
+    if csv_path.is_file() and csv_path.stat().st_size:
+        with open(csv_path, newline="", errors="replace") as handle:
+            header = next(csv.reader(handle), [])
+        if not {"method", "model", "task", "seed"} <= set(header):
+            raise LrbenchError(f"results_csv={csv_path} is not an lrbench results file (its header lacks method, "
+                               f"model, task, seed); give another path (LRBENCH_RESULTS_CSV)")
+    for target, setting in ((csv_path, "results_csv / LRBENCH_RESULTS_CSV"), (run_dir, "output_dir / LRBENCH_OUTPUT_DIR")):
+        existing = next(p for p in (target, *target.parents) if p.exists())
+        if existing != target and not existing.is_dir():
+            raise LrbenchError(f"{target} is not writable: {existing} is a file, not a folder ({setting})")
+        if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
+            raise LrbenchError(f"{target} is not writable: no write permission on {existing} ({setting})")
 
 
 def write_status(run_dir: Path, status: str) -> None:

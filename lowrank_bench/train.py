@@ -145,6 +145,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
     origin = results.provenance()
     dp = distributed.current()
+    if dp.is_main:
+        results.preflight(Path(cfg.results_csv), run_dir)
     resume = checkpoint.find_on_main(cfg, run_dir, dp)
     launched_in = run_dir
     if resume:
@@ -234,6 +236,14 @@ def stage_steps(history) -> dict:
     return {f"{name.replace('/', '_')}_steps": n for name, n in steps.items()} if len(steps) > 1 else {}
 
 
+def discard_if_untouched(run_dir: Path) -> None:
+    """A run refused before it wrote anything leaves no folder: Hydra made it (its .hydra/ and the job's log)."""
+    import shutil
+
+    if run_dir.is_dir() and all(p.name in (".hydra", "train.log") for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def command_line_groups() -> set[str]:
     """The top-level keys this command's overrides touch (`task=...`, `task.max_length=...`: task)."""
     return {o.split("=")[0].lstrip("+~").split(".")[0] for o in HydraConfig.get().overrides.task}
@@ -259,6 +269,7 @@ def job(cfg: DictConfig) -> float | None:
             summary = run(cfg, distributed.main_folder(run_dir))
     except LrbenchError as err:
         console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
+        discard_if_untouched(run_dir)
         sys.exit(2)
     except checkpoint.Interrupted as stop:
         console.print(f"{signal.Signals(stop.signum).name}: stopped after checkpoint {stop.path}; "

@@ -35,8 +35,15 @@ def cache_dir() -> Path:
 
 
 def data_dir() -> Path | None:
+    """$LRBENCH_DATA_DIR, which must exist when set (a typo must not fall back to the Hub in silence)."""
     value = os.environ.get("LRBENCH_DATA_DIR")
-    return Path(value).expanduser() if value else None
+    if not value:
+        return None
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise LrbenchError(f"LRBENCH_DATA_DIR={value}: no such folder (unset it to use the Hub, or point it at the "
+                           f"shared data folder)")
+    return folder
 
 
 def local_data_folder(cfg, shared_subpath: str, expected: str, group: str = "task") -> Path | None:
