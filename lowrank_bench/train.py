@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from rich.text import Text
 
-from lowrank_bench import evaluate, mc_eval, methods, models, results, tasks
+from lowrank_bench import evaluate, mc_eval, methods, models, results, sweep, tasks
 from lowrank_bench.console import console
 from lowrank_bench.continual import ContinualRun
 from lowrank_bench.errors import LrbenchError
@@ -270,11 +270,20 @@ def job(cfg: DictConfig) -> float | None:
     except LrbenchError as err:
         console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
         discard_if_untouched(run_dir)
+        if sweep.in_sweep():  # the other jobs go on; the sweep's end lists this one and exits 1
+            sweep.record_failure(err)
+            return None
         sys.exit(2)
     except checkpoint.Interrupted as stop:
         console.print(f"{signal.Signals(stop.signum).name}: stopped after checkpoint {stop.path}; "
                       "`trainer.resume=auto` continues it (a requeued job continues by itself)")
         stop.hand_over()
+    except Exception as err:  # a crash: its traceback, and in a sweep the next job
+        if not sweep.in_sweep():
+            raise
+        console.print_exception()
+        sweep.record_failure(err)
+        return None
     finally:
         distributed.shutdown()
     if dp.is_main:

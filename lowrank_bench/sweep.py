@@ -1,0 +1,44 @@
+"""Sweeps finish: in a `-m` sweep a job that fails (bad input for one combination, a crash) is recorded in
+`<sweep>/failures.jsonl` and the sweep goes on; at its end `SweepReport` (a Hydra callback, conf/config.yaml) lists
+the failed jobs and why, and the command exits 1 if any failed."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from filelock import FileLock
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+
+from lowrank_bench.console import console
+
+FAILURES = "failures.jsonl"
+
+
+def in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def record_failure(error: BaseException) -> None:
+    """One line for this job in the sweep's failures file (safe under concurrent jobs)."""
+    hc = HydraConfig.get()
+    path = Path(hc.sweep.dir) / FAILURES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = {"job": hc.job.num, "overrides": list(hc.overrides.task), "error": f"{type(error).__name__}: {error}"}
+    with FileLock(str(path) + ".lock", timeout=60):
+        with open(path, "a") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+
+class SweepReport(Callback):
+    def on_multirun_end(self, config, **kwargs) -> None:
+        path = Path(config.hydra.sweep.dir) / FAILURES
+        if not path.is_file():
+            return
+        failures = [json.loads(line) for line in path.read_text().splitlines() if line]
+        console.print(f"[bold red]{len(failures)} job(s) of the sweep failed[/] (details in {path}):")
+        for failure in sorted(failures, key=lambda f: f["job"]):
+            console.print(f"  #{failure['job']} {' '.join(failure['overrides'])}: {failure['error']}", soft_wrap=True)
+        sys.exit(1)
