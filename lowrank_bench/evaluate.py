@@ -95,6 +95,9 @@ def evaluate_run(cfg: DictConfig, out_dir: Path, overridden: set[str]) -> dict:
     from lowrank_bench.memory import MemoryMonitor
     from lowrank_bench.trainer import autocast_for, pick_device
 
+    from lowrank_bench import validate
+
+    validate.check(cfg)
     started = time.perf_counter()
     folder, adapter = saved_files(cfg)
     run_cfg = run_config(cfg, folder, overridden)

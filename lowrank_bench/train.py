@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from rich.text import Text
 
-from lowrank_bench import evaluate, mc_eval, methods, models, results, sweep, tasks
+from lowrank_bench import evaluate, mc_eval, methods, models, results, sweep, tasks, validate
 from lowrank_bench.console import console
 from lowrank_bench.continual import ContinualRun
 from lowrank_bench.errors import LrbenchError
@@ -142,6 +142,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     from lowrank_bench import checkpoint, distributed
 
+    validate.check(cfg)
     started = time.perf_counter()
     origin = results.provenance()
     dp = distributed.current()

@@ -80,7 +80,7 @@ def test_bad_rank_raises_before_anything_is_written(tmp_path):
     cfg = compose_cfg("model=tiny-roberta", "method.r=0")
     csv_path = Path(os.environ["LRBENCH_RESULTS_CSV"])
     before = len(read_rows(csv_path))
-    with pytest.raises(LrbenchError, match="rank r=0 is impossible"):
+    with pytest.raises(LrbenchError, match="method.r=0: must be an integer > 0"):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists() and len(read_rows(csv_path)) == before
 

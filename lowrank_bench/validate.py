@@ -1,0 +1,88 @@
+"""The settings every run shares, checked before any work starts: one line naming the key, the value and what is
+valid. The groups' own options (a method's strategy, a task's files) are checked by their modules, also before
+training; this covers the numbers and choices that any run has.
+
+A rule is (key, kind, test, what is valid). `kind` is the type the value must have after Hydra's parsing: an
+integer where a count is meant (`trainer.batch_size=8.5` or `=abc` is refused, not truncated or crashed on later).
+"""
+from __future__ import annotations
+
+import math
+import re
+
+from omegaconf import DictConfig, OmegaConf
+
+from lowrank_bench.errors import LrbenchError
+
+NUMBER, INTEGER, CHOICE, FLAG = "a number", "an integer", "one of", "true or false"
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def positive(value) -> bool:
+    return value > 0
+
+
+def non_negative(value) -> bool:
+    return value >= 0
+
+
+def fraction(value) -> bool:
+    return 0 <= value < 1
+
+
+RULES: list[tuple[str, str, object, str]] = [
+    ("seed", INTEGER, non_negative, "an integer >= 0"),
+    ("trainer.epochs", NUMBER, positive, "> 0"),
+    ("trainer.max_steps", INTEGER, positive, "> 0, or null for trainer.epochs"),
+    ("trainer.batch_size", INTEGER, positive, "an integer > 0"),
+    ("trainer.eval_batch_size", INTEGER, positive, "an integer > 0"),
+    ("trainer.grad_accum", INTEGER, positive, "an integer > 0"),
+    ("trainer.eval_every", INTEGER, positive, "an integer > 0, or null for once at the end"),
+    ("trainer.log_every", INTEGER, positive, "an integer > 0"),
+    ("trainer.max_grad_norm", NUMBER, positive, "> 0, or null for no clipping"),
+    ("trainer.checkpoint_every", INTEGER, non_negative, "an integer >= 0 (0: stage ends only), or null for never"),
+    ("trainer.precision", CHOICE, ("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16"),
+    ("trainer.progress", FLAG, None, "true or false"),
+    ("trainer.deterministic", FLAG, None, "true or false"),
+    ("optimizer.lr", NUMBER, positive, "> 0"),
+    ("optimizer.weight_decay", NUMBER, non_negative, ">= 0"),
+    ("optimizer.eps", NUMBER, positive, "> 0"),
+    ("optimizer.warmup_ratio", NUMBER, fraction, "0 <= warmup_ratio < 1"),
+    ("optimizer.warmup_steps", INTEGER, non_negative, "an integer >= 0, or null for warmup_ratio"),
+    ("optimizer.schedule", CHOICE, ("linear", "cosine", "constant"), "linear, cosine or constant"),
+    ("method.r", INTEGER, positive, "an integer > 0"),
+    ("method.alpha", NUMBER, positive, "> 0"),
+    ("method.dropout", NUMBER, fraction, "0 <= dropout < 1"),
+    ("model.max_length", INTEGER, positive, "an integer > 0"),
+    ("task.max_length", INTEGER, positive, "an integer > 0, or null for model.max_length"),
+    ("task.max_train_samples", INTEGER, positive, "an integer > 0, or null for all"),
+    ("task.max_eval_samples", INTEGER, positive, "an integer > 0, or null for all"),
+]
+
+
+def has_kind(value, kind: str) -> bool:
+    if kind == FLAG:
+        return isinstance(value, bool)
+    if kind == CHOICE:
+        return isinstance(value, str)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return kind == NUMBER and math.isfinite(value) or kind == INTEGER and isinstance(value, int)
+
+
+def check(cfg: DictConfig) -> None:
+    """Raise LrbenchError on the first setting out of its range (keys a config does not have are skipped)."""
+    for key, kind, test, valid in RULES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        if not has_kind(value, kind):
+            raise LrbenchError(f"{key}={value!r}: must be {kind if kind != CHOICE else 'one of ' + valid}")
+        if kind == CHOICE and value not in test or kind in (NUMBER, INTEGER) and not test(value):
+            raise LrbenchError(f"{key}={value}: must be {valid}")
+    device = str(OmegaConf.select(cfg, "trainer.device", default="auto"))
+    if not DEVICE.match(device):
+        raise LrbenchError(f"trainer.device={device}: must be auto, cpu, cuda, cuda:N or mps")
+    if cfg.model.get("path") and cfg.model.get("source") == "config":
+        raise LrbenchError(f"model.path={cfg.model.path} does not apply to model={cfg.model.name}, which is built "
+                           f"from its config (source: config); choose a model with source hub or path")
