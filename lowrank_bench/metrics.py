@@ -15,15 +15,19 @@ def f1(preds, labels) -> float:
     return float(f1_score(labels, preds, zero_division=0.0))
 
 
+def constant(values) -> bool:
+    return len(set(values)) < 2
+
+
+# A correlation with a constant side is undefined (0/0): NaN here, null in metrics.jsonl, blank in the row; never
+# the 0.0 that scikit-learn and a lenient wrapper would report, which reads as "no better than chance".
 def matthews(preds, labels) -> float:
-    return float(matthews_corrcoef(labels, preds))
+    return math.nan if constant(preds) or constant(labels) else float(matthews_corrcoef(labels, preds))
 
 
 def pearson(preds, labels) -> float:
-    value = pearsonr(preds, labels).statistic
-    return 0.0 if math.isnan(value) else float(value)
+    return math.nan if constant(preds) or constant(labels) else float(pearsonr(preds, labels).statistic)
 
 
 def spearman(preds, labels) -> float:
-    value = spearmanr(preds, labels).statistic
-    return 0.0 if math.isnan(value) else float(value)
+    return math.nan if constant(preds) or constant(labels) else float(spearmanr(preds, labels).statistic)

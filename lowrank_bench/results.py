@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import platform
 import subprocess
@@ -69,17 +70,27 @@ def is_metric(key: str, value) -> bool:
         and not key.startswith("train_")
 
 
+def defined(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def defined_or_none(value):
+    """An undefined measure (NaN: a correlation with a constant side) is written as null / a blank cell."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def best_and_last(evals: list[dict], metric: str) -> dict:
     """The best evaluation (by `metric`) and the last one, every metric of each; `degenerate` when the last
     evaluation's classifier predicted a single class on any evaluation split; a metric that could not be computed
     keeps its reason (`last_meteor_error`) instead of a number."""
     if not evals:
         raise RuntimeError("the run finished without an evaluation")
-    best = max(evals, key=lambda r: r[metric])
+    best = max(evals, key=lambda r: r[metric] if defined(r.get(metric)) else -math.inf)  # an undefined one: never
     last = evals[-1]
     names = [k for k, v in last.items() if is_metric(k, v)]
-    return {**{f"best_{k}": best[k] for k in names}, "best_step": best["step"],
-            **{f"last_{k}": last[k] for k in names}, "last_step": last["step"],
+    return {**{f"best_{k}": defined_or_none(best.get(k)) for k in names}, "best_step": best["step"],
+            **{f"last_{k}": defined_or_none(last[k]) for k in names}, "last_step": last["step"],
+            **{f"final_{k}": defined_or_none(v) for k, v in last.items() if k.startswith("train_") and defined(v)},
             **{f"last_{k}": v for k, v in last.items() if k.endswith("_error") and isinstance(v, str)},
             "degenerate": any(v for k, v in last.items() if k.endswith("degenerate"))}
 

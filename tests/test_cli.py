@@ -55,6 +55,9 @@ def test_run_writes_summary_metrics_adapter_and_one_row(tmp_path):
     written = json.loads((tmp_path / "summary.json").read_text())
     best = max(evals, key=lambda e: e["accuracy"])  # the first of the best: max keeps the first
     assert written.pop("best_confusion") == best["confusion"] and written.pop("last_confusion") == evals[-1]["confusion"]
+    assert written.pop("last_predicted") == [sum(column) for column in zip(*evals[-1]["confusion"])]  # the histogram
+    written.pop("best_predicted")
+    assert summary["final_train_loss"] == evals[-1]["train_loss"]
     assert written == summary  # the row, and the tables beside it
     assert (tmp_path / "adapter.safetensors").is_file() and (tmp_path / "config_resolved.yaml").is_file()
     assert summary["best_accuracy"] == max(e["accuracy"] for e in evals)

@@ -208,6 +208,7 @@ class ClassificationTask(Task):
         out = self.compute_metrics(preds, labels)
         if not self.head.regression:
             out["confusion"] = forgetting.confusion(preds, labels, self.head.num_labels)
+            out["predicted"] = [sum(p == c for p in preds) for c in range(self.head.num_labels)]  # the histogram
             out["degenerate"] = forgetting.is_degenerate(preds)
         return out
 

@@ -123,3 +123,18 @@ def test_tokenised_once_then_cached(tmp_path, monkeypatch):
     second.prepare(tok, 32)
     assert calls == [] and second.splits["train"] == first.splits["train"]
     assert second.collate(second.splits["train"])["input_ids"].shape[0] == 2
+
+
+@pytest.mark.parametrize("subset, preds, labels, undefined", [
+    ("cola", [1, 1, 1, 1], [1, 0, 0, 1], "matthews_correlation"),  # a constant predictor: 0/0, not 0.0
+    ("stsb", [0.5, 0.5, 0.5, 0.5], [0.0, 1.0, 2.0, 3.0], "pearson"),
+])
+def test_a_correlation_with_a_constant_side_is_undefined(subset, preds, labels, undefined):
+    import math
+
+    from lowrank_bench.results import best_and_last
+
+    got = build(glue_cfg(subset)).compute_metrics(preds, labels)
+    assert math.isnan(got[undefined])
+    summary = best_and_last([{"step": 1, "train_loss": 0.5, **got}], undefined)
+    assert summary[f"best_{undefined}"] is None and summary[f"last_{undefined}"] is None  # a blank cell, not 0.0
