@@ -196,7 +196,9 @@ def peft_config_of_lora_run(setup, run_cfg: DictConfig, heads: list[str], conv1d
 
     c = run_cfg.method
     names = [exported_name(n, setup.model) for n in adapted_layers(setup.model)]
-    return LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.get("dropout", 0.0), use_rslora=c.get("rslora", False),
+    unit_scale = c.get("scale") == "one"  # BiDoRA's official scale s = 1: peft's lora_alpha / r with alpha = r
+    return LoraConfig(r=c.r, lora_alpha=c.r if unit_scale else c.alpha, lora_dropout=c.get("dropout", 0.0),
+                      use_rslora=False if unit_scale else c.get("rslora", False),
                       use_dora=AS_PEFT_LORA[c.name], fan_in_fan_out=conv1d,
                       target_modules=target_modules(names, plain_module_names(setup.model)),
                       modules_to_save=heads or None, task_type=PEFT_TASK_TYPES[setup.task.head.kind],

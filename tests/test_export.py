@@ -91,7 +91,9 @@ def base_checkpoint(run_cfg, pad_token_id, folder):
 
 
 PEFT = [("tiny-roberta", "lora"), ("tiny-roberta", "lora", "method.rslora=true", "method.alpha=4"),
-        ("tiny-roberta", "dora"), ("tiny-roberta", "bidora"), ("tiny-roberta", "peft/lora"), ("tiny-gpt2", "lora"),
+        ("tiny-roberta", "dora"), ("tiny-roberta", "bidora"),
+        ("tiny-roberta", "bidora", "method.init_a=normal", "method.scale=one"),  # the presets' official scale s = 1
+        ("tiny-roberta", "peft/lora"), ("tiny-gpt2", "lora"),
         ("tiny-gpt2", "dora"), ("tiny-gpt2", "peft/lora"), ("tiny-llama", "dora")]
 
 
@@ -103,6 +105,8 @@ def test_peft_export_gives_our_logits(runs, tmp_path, case):
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_rslora"] == run_cfg.method.get("rslora", False)  # scaling alpha / sqrt(r) rather than / r
+    if run_cfg.method.get("scale") == "one":
+        assert config["lora_alpha"] == config["r"]
     head = "score" if run_cfg.model.kind == "decoder" else "classifier"
     assert config["peft_type"] == "LORA" and head in config["modules_to_save"]
     assert config["use_dora"] == (method in ("dora", "bidora"))

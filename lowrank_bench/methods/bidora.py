@@ -15,6 +15,15 @@ and head on the full training set from their pre-search state with the learned m
 W'). At initialisation it therefore computes x W0 rather than W0 x, so the adapted network does not reproduce the
 pre-trained one; it only runs for square weights (RoBERTa's query/value). Use it to compare with published
 numbers, not as the method. The official code also back-propagates through the norm: `detach_norm: false`.
+
+Initialisation and scale, independent of the orientation (they act on `orientation: standard`; the official layer
+always uses the official ones):
+- `init_a: kaiming` (default, LoRA's Kaiming-uniform, a = sqrt(5)) | `normal` (the official code's N(0, 1));
+- `scale: alpha_over_r` (default, s = alpha / r, or alpha / sqrt(r) with `rslora`) | `one` (s = 1, the official
+  code, which computes alpha / r but never applies it; `one` ignores alpha and rslora).
+The official learning rates (1e-5 .. 5e-5) are tuned to A ~ N(0, 1) and s = 1. Kaiming-uniform A has std
+1 / sqrt(3 in), so with s = alpha / r = 2 the direction B A moves about sqrt(3 in) / 2 times (20x at in = 768) more
+slowly at the same learning rate. B = 0 in every case, so W' = W0 at initialisation whatever the choice.
 """
 from __future__ import annotations
 
@@ -26,9 +35,20 @@ from lowrank_bench.methods.base import AdaptedLayer
 from lowrank_bench.methods.dora import DoRA, DoRALayer
 
 ORIENTATIONS = ("standard", "official")
+A_INITS = ("kaiming", "normal")
+SCALES = ("alpha_over_r", "one")
 
 
 class BiDoRALayer(DoRALayer):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 name: str = "", detach_norm: bool = True, init_a: str = "kaiming", scale: str = "alpha_over_r"):
+        super().__init__(base, r, alpha, dropout, rslora, name, detach_norm)
+        if init_a == "normal":
+            with torch.no_grad():
+                nn.init.normal_(self.lora_A)  # std 1, as the official code; B = 0 keeps the magnitude ||W0||_row
+        if scale == "one":
+            self.scaling = 1.0
+
     def direction(self) -> torch.Tensor:
         """D = (W0 + s B A) / ||.||_row: unit rows."""
         v = self.weight + self.delta_weight()
@@ -100,15 +120,18 @@ class BiDoRA(DoRA):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        if cfg.get("orientation", "standard") not in ORIENTATIONS:
-            raise LrbenchError(f"method.orientation={cfg.orientation!r}; valid: {', '.join(ORIENTATIONS)}")
+        for key, default, valid in (("orientation", "standard", ORIENTATIONS), ("init_a", "kaiming", A_INITS),
+                                    ("scale", "alpha_over_r", SCALES)):
+            if cfg.get(key, default) not in valid:
+                raise LrbenchError(f"method.{key}={cfg.get(key)!r}; valid: {', '.join(valid)}")
 
     def make_layer(self, name: str, base: nn.Module) -> AdaptedLayer:
         c = self.cfg
         if c.get("orientation", "standard") == "official":
             return OfficialBiDoRALayer(base, c.r, name, detach_norm=c.detach_norm)
         return BiDoRALayer(base, c.r, c.alpha, c.get("dropout", 0.0), c.get("rslora", False), name,
-                           detach_norm=c.detach_norm)
+                           detach_norm=c.detach_norm, init_a=c.get("init_a", "kaiming"),
+                           scale=c.get("scale", "alpha_over_r"))
 
     def regularizer(self, model: nn.Module) -> torch.Tensor | None:
         weight = self.cfg.get("direction_reg", 0.0)

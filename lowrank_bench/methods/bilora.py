@@ -8,9 +8,16 @@ The parameterisation of lambda (`lambda_param`, the paper's Table 5 ablation):
 - `softmax` (default): lambda = softmax(theta) over the r values of each matrix, theta = 0 at start (uniform 1/r);
 - `real`: lambda = theta, starting at 1;
 - `binary`: lambda = sigmoid(theta), starting at 0.5, with R2 = mean lambda (1 - lambda) pushing it to {0, 1}.
-AdaLoRA's form without its rank allocator (no pruning). Initialisation is not given by the paper: we start P at
-zero and Q Kaiming-uniform (as LoRA's B and A), so Delta W = 0 at initialisation for every parameterisation.
-There is no official code; the hypergradient follows BiDoRA's (Betty `darts`), see bilevel.py.
+AdaLoRA's form without its rank allocator (no pruning). There is no official code; the hypergradient follows
+BiDoRA's (Betty `darts`), see bilevel.py.
+
+The paper does not give the initialisation; `init` chooses it, and Delta W = 0 at initialisation under both:
+- `lora` (default): P = 0 and Q Kaiming-uniform, as LoRA's B and A. With P = 0, dL/dlambda_i = s p_i^T G q_i is
+  exactly zero, so the first (first-order) hypergradient for lambda vanishes; and softmax's lambda = 1/r makes the
+  effective scale of P Q alpha / r^2.
+- `adalora`: AdaLoRA's (peft: lambda = 0, P and Q ~ N(0, 0.02^2)), so lambda gets a gradient from the first step.
+  Only `real` can start at lambda = 0 (theta = 0); softmax and sigmoid are never 0, so for them theta keeps its
+  usual start and the initial update s P0 diag(lambda0) Q0 is kept as a frozen low-rank buffer and subtracted.
 """
 from __future__ import annotations
 
@@ -23,21 +30,34 @@ from lowrank_bench.errors import LrbenchError
 from lowrank_bench.methods.base import AdaptedLayer, Method
 
 PARAMETERISATIONS = ("softmax", "real", "binary")
+INITS = ("lora", "adalora")
+ADALORA_STD = 0.02  # peft's AdaLoRA: lora_A, lora_B ~ N(0, 0.02^2), lora_E (lambda) = 0
 
 
 class BiLoRALayer(AdaptedLayer):
     roles = {"P": "adapter", "Q": "adapter", "theta": "singular_values"}
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, lambda_param: str = "softmax", name: str = ""):
+    def __init__(self, base: nn.Module, r: int, alpha: float, lambda_param: str = "softmax", name: str = "",
+                 init: str = "lora"):
         super().__init__(base)
         self.check_rank(r, name)
         self.r, self.scaling, self.lambda_param = r, alpha / r, lambda_param
         w = base.weight
         self.P = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
         self.Q = nn.Parameter(torch.empty(r, self.in_features, dtype=w.dtype, device=w.device))
-        nn.init.kaiming_uniform_(self.Q, a=math.sqrt(5))
         start = 1.0 if lambda_param == "real" else 0.0
+        if init == "adalora":
+            nn.init.normal_(self.P, std=ADALORA_STD)
+            nn.init.normal_(self.Q, std=ADALORA_STD)
+            start = 0.0  # real: lambda = 0, AdaLoRA's; softmax: uniform 1/r; binary: 0.5
+        else:
+            nn.init.kaiming_uniform_(self.Q, a=math.sqrt(5))
         self.theta = nn.Parameter(torch.full((r,), start, dtype=w.dtype, device=w.device))
+        self.has_offset = init == "adalora" and lambda_param != "real"
+        if self.has_offset:
+            with torch.no_grad():  # -s P0 diag(lambda0) Q0 as two thin factors, so that Delta W = 0 at start
+                self.register_buffer("offset_left", -self.P * self.singular_values())
+                self.register_buffer("offset_right", self.Q.clone())
 
     def singular_values(self) -> torch.Tensor:
         if self.lambda_param == "softmax":
@@ -47,10 +67,16 @@ class BiLoRALayer(AdaptedLayer):
         return self.theta
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x @ self.Q.T) * self.singular_values()) @ self.P.T * self.scaling
+        out = ((x @ self.Q.T) * self.singular_values()) @ self.P.T
+        if self.has_offset:
+            out = out + (x @ self.offset_right.T) @ self.offset_left.T
+        return out * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.P * self.singular_values()) @ self.Q * self.scaling
+        weight = (self.P * self.singular_values()) @ self.Q
+        if self.has_offset:
+            weight = weight + self.offset_left @ self.offset_right
+        return weight * self.scaling
 
     def orthogonality_penalty(self) -> torch.Tensor:
         eye = torch.eye(self.r, device=self.P.device, dtype=self.P.dtype)
@@ -65,9 +91,12 @@ class BiLoRA(Method):
         super().__init__(cfg)
         if cfg.lambda_param not in PARAMETERISATIONS:
             raise LrbenchError(f"method.lambda_param={cfg.lambda_param!r}; valid: {', '.join(PARAMETERISATIONS)}")
+        if cfg.get("init", "lora") not in INITS:
+            raise LrbenchError(f"method.init={cfg.init!r}; valid: {', '.join(INITS)}")
 
     def make_layer(self, name: str, base: nn.Module) -> BiLoRALayer:
-        return BiLoRALayer(base, self.cfg.r, self.cfg.alpha, self.cfg.lambda_param, name)
+        return BiLoRALayer(base, self.cfg.r, self.cfg.alpha, self.cfg.lambda_param, name,
+                           init=self.cfg.get("init", "lora"))
 
     def regularizer(self, model: nn.Module) -> torch.Tensor | None:
         gamma1 = self.cfg.get("orth_reg", 0.0)

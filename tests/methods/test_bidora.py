@@ -7,7 +7,7 @@ import torch
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.methods.base import adapted_layers
 from lowrank_bench.models import count_parameters
-from tests.conftest import ROBERTA_BASE, base_model, meta_model
+from tests.conftest import CONF, ROBERTA_BASE, base_model, batch_for, compose_cfg, meta_model
 from tests.methods.common import adapt, check_merge_unmerge, check_save_load, identity_gap, randomize
 
 
@@ -66,3 +66,70 @@ def test_official_orientation_refuses_non_square_weights():
     model, _ = base_model("tiny-roberta")
     with pytest.raises(LrbenchError, match="needs square weights.*intermediate.dense"):
         adapt(model, name="bidora", orientation="official", targets=("intermediate.dense",))
+
+
+OFFICIAL_INIT_AND_SCALE = {"init_a": "normal", "scale": "one"}
+
+
+@pytest.mark.parametrize("init_a", ["kaiming", "normal"])
+@pytest.mark.parametrize("scale", ["alpha_over_r", "one"])
+def test_identity_at_init_for_every_init_and_scale(init_a, scale):
+    assert identity_gap("tiny-roberta", "bidora", init_a=init_a, scale=scale) < 1e-5
+
+
+def test_official_init_and_scale_set_a_and_s():
+    model, _ = base_model("tiny-roberta")
+    adapt(model, name="bidora", r=4, alpha=8, **OFFICIAL_INIT_AND_SCALE)
+    a = torch.cat([layer.lora_A.flatten() for layer in adapted_layers(model).values()])
+    assert all(layer.scaling == 1.0 for layer in adapted_layers(model).values())
+    assert 0.8 < a.std().item() < 1.2  # N(0, 1), not Kaiming-uniform's 1 / sqrt(3 * 32) ~ 0.1
+
+
+def test_official_init_and_scale_leave_the_parameter_count_unchanged():
+    model = meta_model("roberta", **ROBERTA_BASE)
+    adapt(model, name="bidora", heads=(), r=4, **OFFICIAL_INIT_AND_SCALE)
+    assert count_parameters(model)[0] == 165_888
+
+
+@pytest.mark.parametrize("option", ["init_a", "scale"])
+def test_unknown_init_or_scale_is_refused(option):
+    with pytest.raises(LrbenchError, match=f"method.{option}="):
+        adapt(base_model("tiny-roberta")[0], name="bidora", **{option: "bogus"})
+
+
+def direction_update_norm_after_training(steps: int = 20, lr: float = 2e-5, **options) -> float:
+    """||s B A|| (Frobenius, over every adapted layer) after `steps` AdamW steps on the direction at `lr`."""
+    model, tok = base_model("tiny-roberta")
+    torch.manual_seed(0)
+    _, groups = adapt(model, name="bidora", r=4, alpha=8, **options)
+    optimizer = torch.optim.AdamW(groups["adapter"], lr=lr)
+    batch = batch_for(tok)
+    labels = torch.tensor([1, 0])
+    for _ in range(steps):
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        updates = [layer.lora_B @ layer.lora_A * getattr(layer, "scaling", 1.0)
+                   for layer in adapted_layers(model).values()]
+    return torch.stack([u.norm() for u in updates]).norm().item()
+
+
+def test_official_init_and_scale_move_the_direction_as_fast_as_the_official_code():
+    """Issue 11, point 1: at the official lr, the standard orientation with N(0, 1) A and s = 1 moves B A as far as
+    the official layer does; with Kaiming A and s = alpha / r it moves several times less (sqrt(3 in) / 2 ~ 5 here)."""
+    official = direction_update_norm_after_training(orientation="official")
+    matched = direction_update_norm_after_training(**OFFICIAL_INIT_AND_SCALE)
+    default = direction_update_norm_after_training()
+    assert 0.5 < matched / official < 2.0
+    assert default < official / 3
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment" / "bidora").glob("*.yaml")))
+def test_presets_use_the_official_init_scale_and_no_clipping(preset):
+    from lowrank_bench.validate import check
+
+    cfg = compose_cfg(f"experiment=bidora/{preset}")
+    check(cfg)
+    assert (cfg.method.orientation, cfg.method.init_a, cfg.method.scale) == ("standard", "normal", "one")
+    assert cfg.trainer.max_grad_norm is None
