@@ -46,6 +46,18 @@ def data_dir() -> Path | None:
     return folder
 
 
+def read_text(path: Path) -> str:
+    """A data file's text: an empty file or bytes that are not UTF-8 are errors naming the file (and line)."""
+    data = Path(path).read_bytes()
+    if not data.strip():
+        raise LrbenchError(f"{path}: the file is empty")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise LrbenchError(f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x}); save the file as UTF-8") from None
+
+
 def local_data_folder(cfg, shared_subpath: str, expected: str, group: str = "task") -> Path | None:
     """`<group>.data_dir` when set (it must exist), else `$LRBENCH_DATA_DIR/<shared_subpath>` when that exists, else
     None (the Hub, where the family has one). `expected` says what the folder should hold, for the error."""

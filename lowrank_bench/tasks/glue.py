@@ -10,13 +10,14 @@ accuracy; MNLI matched and mismatched accuracy, reported separately; the rest ac
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowrank_bench import metrics
 from lowrank_bench.errors import LrbenchError, choices
 from lowrank_bench.models import Head, hub_offline, hub_reachable, offline_message
-from lowrank_bench.tasks.base import ClassificationTask, Example, check_label, data_dir
+from lowrank_bench.tasks.base import ClassificationTask, Example, check_label, data_dir, read_text
 
 HUB_DATASET = "nyu-mll/glue"
 NLI2 = ("entailment", "not_entailment")
@@ -100,8 +101,7 @@ class GlueTask(ClassificationTask):
     # -- readers ----------------------------------------------------------------------------------------------
     def read_tsv(self, path: Path) -> list[Example]:
         spec = self.spec
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+        rows = list(csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
         if isinstance(spec.tsv_label, int):  # header-less (CoLA)
             header, body, first = None, rows, 1
             index = {c: c for c in (*spec.tsv_text, spec.tsv_label) if c is not None}

@@ -62,6 +62,19 @@ def test_short_row_is_a_clear_error(tmp_path):
         build(glue_cfg("mrpc", data_dir=str(tmp_path))).raw_split("train")
 
 
+def test_an_empty_file_and_one_that_is_not_utf8_name_the_file_and_line(tmp_path):
+    write_mrpc(tmp_path, [["1", "1", "2", "a b", "c d"]])
+    train = tmp_path / "MRPC" / "train.tsv"
+    train.write_bytes(b"")
+    task = build(glue_cfg("mrpc", data_dir=str(tmp_path)))
+    with pytest.raises(LrbenchError, match=r"train.tsv: the file is empty"):
+        task.raw_split("train")
+    train.write_bytes("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\ta b\tc d\n".encode()
+                      + b"0\t3\t4\tna\xefve caf\xe9\tx\n")  # Latin-1 bytes on line 3
+    with pytest.raises(LrbenchError, match=r"train.tsv:3: not UTF-8 \(byte 0xef\)"):
+        task.raw_split("train")
+
+
 def test_missing_folder_and_file(tmp_path):
     with pytest.raises(LrbenchError, match="expected the glue_data/ layout"):
         build(glue_cfg("rte", data_dir=str(tmp_path)))
