@@ -13,18 +13,11 @@ a small factor of `official`, and `default` about sqrt(3 in) / 2 times smaller.
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from bilevel_step_time import first_stage  # the sibling script (benchmarks/ is this script's import path)
 
 from lowrank_bench.methods.base import adapted_layers
-from lowrank_bench.stages import stages_for
-from lowrank_bench.train import prepare
-from lowrank_bench.trainer import Trainer, step_rule
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 RUNS = {
     "official": ["method.orientation=official"],
     "matched": ["method.init_a=normal", "method.scale=one"],
@@ -40,15 +33,7 @@ def direction_update_norm(model: torch.nn.Module) -> float:
 
 
 def norm_after_training(overrides: list[str], steps: int) -> float:
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    s = prepare(cfg)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg.trainer, s.model, s.method, Path(tmp), cfg.seed)
-        stage = stages_for(s.task, s.method, s.groups, cfg.method, cfg.optimizer, cfg.trainer.epochs,
-                           cfg.trainer.max_steps, cfg.seed)[0]
-        rule = step_rule(trainer, stage)
-        s.model.train()
+    with first_stage(overrides) as (s, rule):
         for _ in range(steps):
             rule.step()
     return direction_update_norm(s.model)

@@ -13,6 +13,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,7 +27,10 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 MODES = ("first_order", "darts", "one_step_exact", "unrolled", "darts_unrolled", "neumann", "cg")
 
 
-def step_times(overrides: list[str], steps: int, warmup: int) -> float:
+@contextmanager
+def first_stage(overrides: list[str]):
+    """(the run's setup, the step rule of its first stage), the model in training mode; also used by
+    bidora_scale_check.py."""
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     s = prepare(cfg)
@@ -34,8 +38,12 @@ def step_times(overrides: list[str], steps: int, warmup: int) -> float:
         trainer = Trainer(cfg.trainer, s.model, s.method, Path(tmp), cfg.seed)
         stage = stages_for(s.task, s.method, s.groups, cfg.method, cfg.optimizer, cfg.trainer.epochs,
                            cfg.trainer.max_steps, cfg.seed)[0]
-        rule = step_rule(trainer, stage)
         s.model.train()
+        yield s, step_rule(trainer, stage)
+
+
+def step_times(overrides: list[str], steps: int, warmup: int) -> float:
+    with first_stage(overrides) as (s, rule):
         times = []
         for i in range(warmup + steps):
             start = time.perf_counter()
