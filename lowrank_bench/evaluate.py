@@ -26,24 +26,33 @@ MODES = ("train", "eval")
 FROM_THIS_COMMAND = ("device", "precision", "eval_batch_size", "progress")  # trainer settings an evaluation takes
 
 
+def run_folder(folder: Path, setting: str) -> tuple[Path, Path]:
+    """(config_resolved.yaml, adapter.safetensors) of a run folder; `setting` says where the folder was named."""
+    if not folder.is_dir():
+        raise LrbenchError(f"{setting}: no such run folder")
+    config, adapter = folder / "config_resolved.yaml", folder / "adapter.safetensors"
+    for path in (config, adapter):
+        if not path.is_file():
+            raise LrbenchError(f"{setting}: no {path.name} there (a run folder holds config_resolved.yaml and, "
+                               f"unless the run had save_adapter=false, adapter.safetensors)")
+    return config, adapter
+
+
 def saved_files(cfg: DictConfig) -> tuple[Path, Path]:
     """(the run's folder, its adapter file) from `run_dir` or `adapter`."""
     if cfg.get("adapter"):
         adapter = Path(str(cfg.adapter)).expanduser()
         if not adapter.is_file():
             raise LrbenchError(f"adapter={cfg.adapter}: no such file (a run folder's adapter.safetensors)")
-        folder = adapter.parent
-    elif cfg.get("run_dir"):
+        run_folder(adapter.parent, f"adapter={cfg.adapter}")
+        return adapter.parent, adapter
+    if cfg.get("run_dir"):
         folder = Path(str(cfg.run_dir)).expanduser()
-        adapter = folder / "adapter.safetensors"
-        if not adapter.is_file():
+        if folder.is_dir() and not (folder / "adapter.safetensors").is_file():  # the likelier miss, named first
             raise LrbenchError(f"run_dir={cfg.run_dir}: no adapter.safetensors there (runs save it unless "
                                f"save_adapter=false)")
-    else:
-        raise LrbenchError("mode=eval needs run_dir=<a run's folder> or adapter=<its adapter.safetensors>")
-    if not (folder / "config_resolved.yaml").is_file():
-        raise LrbenchError(f"{folder}: no config_resolved.yaml beside the adapter (the run's resolved config)")
-    return folder, adapter
+        return folder, run_folder(folder, f"run_dir={cfg.run_dir}")[1]
+    raise LrbenchError("mode=eval needs run_dir=<a run's folder> or adapter=<its adapter.safetensors>")
 
 
 def run_config(cfg: DictConfig, folder: Path, overridden: set[str]) -> DictConfig:

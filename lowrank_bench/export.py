@@ -56,21 +56,11 @@ PEFT_PREFIX = "base_model.model."  # what peft puts before a module's name in it
 
 
 # -- rebuilding a run --------------------------------------------------------------------------------------------
-def run_files(run_dir: Path) -> tuple[Path, Path]:
-    """(config_resolved.yaml, adapter.safetensors) of a run folder, or a clear error."""
-    if not run_dir.is_dir():
-        raise LrbenchError(f"{run_dir}: no such run folder")
-    config, adapter = run_dir / "config_resolved.yaml", run_dir / "adapter.safetensors"
-    if not config.is_file():
-        raise LrbenchError(f"{run_dir}: no config_resolved.yaml (not a run folder of lrbench?)")
-    if not adapter.is_file():
-        raise LrbenchError(f"{run_dir}: no adapter.safetensors (the run was made with save_adapter=false?)")
-    return config, adapter
-
-
 def run_config(run_dir: Path) -> DictConfig:
     """The run's resolved config, without the multiple-choice benchmark (scored by lrbench-mc, not here)."""
-    config, _ = run_files(Path(run_dir))
+    from lowrank_bench.evaluate import run_folder
+
+    config, _ = run_folder(Path(run_dir), str(run_dir))
     run_cfg = OmegaConf.load(config)
     run_cfg.eval = None
     return run_cfg

@@ -509,12 +509,9 @@ def load_for_eval(cfg):
 
     run_cfg, adapter = cfg, None
     if cfg.eval.adapter:
-        folder = Path(str(cfg.eval.adapter)).expanduser()
-        resolved, adapter = folder / "config_resolved.yaml", folder / "adapter.safetensors"
-        for path in (resolved, adapter):
-            if not path.is_file():
-                raise LrbenchError(f"eval.adapter={cfg.eval.adapter}: no {path.name} there (a run folder written "
-                                   f"with save_adapter=true holds config_resolved.yaml and adapter.safetensors)")
+        from lowrank_bench.evaluate import run_folder
+
+        resolved, adapter = run_folder(Path(str(cfg.eval.adapter)).expanduser(), f"eval.adapter={cfg.eval.adapter}")
         run_cfg = OmegaConf.load(resolved)
     tokenizer = models.load_tokenizer(run_cfg.model)
     torch.manual_seed(run_cfg.seed)  # as `train.prepare` does: a config-built model's weights, then the method's

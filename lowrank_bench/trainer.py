@@ -28,6 +28,7 @@ from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.memory import MemoryMonitor
 from lowrank_bench.optim import make_optimizer
+from lowrank_bench.results import defined_or_none
 from lowrank_bench.stages import Stage, unique
 from lowrank_bench.tasks.base import Task
 
@@ -66,7 +67,7 @@ class Diverged(Exception):
 
 def finite_or_none(record: dict) -> dict:
     """metrics.jsonl stays strict JSON: a NaN or infinite number is written as null."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return {k: defined_or_none(v) for k, v in record.items()}
 
 
 @dataclass
