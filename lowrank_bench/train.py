@@ -185,19 +185,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         except Diverged as stop:
             history, diverged = trainer.history, stop
             console.print(f"[bold red]{stop}: the run stops; its row says status=diverged")
-        if diverged:
-            metric = "final_average_accuracy" if sequence else s.task.metric
-            scores = results.best_and_last(history.evals, metric) if history.evals and not sequence else {}
-            scores.update(status="diverged", diverged_stage=diverged.stage, diverged_at_step=diverged.step,
-                          **{f"last_finite_train_{k}": v for k, v in diverged.last_finite.items()})
-        elif sequence:
-            if dp.is_main:
-                sequence.write_files()
-            metric, scores = "final_average_accuracy", {"status": "finished", **sequence.scores()}
-        else:
-            metric, scores = s.task.metric, {"status": "finished",
-                                             **results.best_and_last(history.evals, s.task.metric)}
-        scores.update(getattr(s.task, "result_counts", dict)())
+        if sequence and not diverged and dp.is_main:
+            sequence.write_files()
+        metric, scores = measures(s, history, sequence, diverged)
         if s.mc and not diverged:
             scores.update({**(s.mc_before or {}), **s.mc.score(s.model, trainer.device, trainer.autocast)})
             if dp.is_main:
@@ -229,6 +219,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if dp.is_main and run_dir.is_dir():
             results.write_status(run_dir, summary["status"] if summary else outcome)
     return summary
+
+
+def measures(s: Setup, history, sequence: ContinualRun | None, diverged: Diverged | None) -> tuple[str, dict]:
+    """(the run's main metric, its row's measures): the best and last evaluation, or a sequence's final accuracies,
+    or how far a diverged run got; with the task's own counts."""
+    metric = "final_average_accuracy" if sequence else s.task.metric
+    if diverged:
+        scores = results.best_and_last(history.evals, metric) if history.evals and not sequence else {}
+        scores.update(status="diverged", diverged_stage=diverged.stage, diverged_at_step=diverged.step,
+                      **{f"last_finite_train_{k}": v for k, v in diverged.last_finite.items()})
+    else:
+        scores = {"status": "finished",
+                  **(sequence.scores() if sequence else results.best_and_last(history.evals, metric))}
+    return metric, {**scores, **getattr(s.task, "result_counts", dict)()}
 
 
 def stage_steps(history) -> dict:
