@@ -1,0 +1,197 @@
+"""Re-derive every method's default learning rate on the shared data (issues 11 and 16), then measure the defaults.
+
+Two phases, both resumable (a run whose row is already in the phase's CSV is skipped):
+
+  sweep   each method at a few learning rates, seed 0, on the SST-2 subset: results/reference/defaults/sweep.csv
+  table   each method at its YAML defaults (no optimizer.lr given), seeds 0-2, on the SST-2 subset and the MRPC
+          subset: results/reference/defaults/table.csv (a sweep row at the chosen lr counts as that seed's run)
+
+then `python benchmarks/default_sweep.py render` writes results/reference/defaults/README.md: the sweep's grid and
+the table of mean +- std beside the majority class, and LoRA's and BiLoRA's time to a target accuracy.
+
+Protocol (one budget for every method): MiniLM-L6, 3 epochs (the default), batch 32, max length 128,
+SST-2 = 2,000 training sentences (a fixed subset) and the full dev set (872); MRPC = 1,000 training pairs (a fixed
+subset) and the full dev set (408). Subsets keep the whole sweep within a few CPU hours on 2 cores.
+
+    LRBENCH_DATA_DIR=../shared/data python benchmarks/default_sweep.py sweep [--jobs 2] [--methods lotr,curlora]
+    LRBENCH_DATA_DIR=../shared/data python benchmarks/default_sweep.py table [--jobs 2]
+    python benchmarks/default_sweep.py render
+(`make sweep-defaults` runs all three.)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "results" / "reference" / "defaults"
+RUNS = ROOT / "outputs" / "default_sweep"
+
+METHODS = ("ft", "lora", "dora", "cola", "lotr", "curlora", "bilora", "bidora")
+GRID = {  # learning rates tried per method (seed 0, SST-2 subset)
+    "ft": (2e-5, 5e-5, 1e-4),
+    "lora": (5e-4, 1e-3, 2e-3),
+    "dora": (5e-4, 1e-3, 2e-3),
+    "cola": (5e-4, 1e-3, 2e-3),
+    "lotr": (3e-5, 1e-4, 3e-4, 1e-3),
+    "curlora": (2.5e-4, 2e-3, 1e-2, 3e-2),
+    "bilora": (5e-4, 2e-3),
+    "bidora": (5e-4, 2e-3),
+}
+TASKS = {
+    "sst2": ["task=glue/sst2", "task.max_train_samples=2000"],
+    "mrpc": ["task=glue/mrpc", "task.max_train_samples=1000"],
+}
+SEEDS = (0, 1, 2)
+CURVES = {"lora", "bilora"}  # evaluated every 30 steps on SST-2: time to a target accuracy
+TARGET = 0.80
+
+
+def overrides(method: str, task: str, seed: int, lr: float | None) -> list[str]:
+    args = [f"method={method}", "model=minilm-l6", *TASKS[task], f"seed={seed}", "trainer.progress=false",
+            f"output_dir={RUNS}"]
+    if lr is not None:
+        args.append(f"optimizer.lr={lr}")
+    if method in CURVES and task == "sst2":
+        args.append("trainer.eval_every=30")
+    return args
+
+
+def rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def done(found: list[dict], method: str, task: str, seed: int, lr: float | None) -> bool:
+    return any(r["method"] == method and r["task"] == f"glue/{task}" and int(r["seed"]) == seed
+               and (lr is None or float(r["lr"]) == lr) for r in found)
+
+
+def run(args: list[str], csv_path: Path) -> None:
+    env = {**os.environ, "LRBENCH_RESULTS_CSV": str(csv_path), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "lowrank_bench.train", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] if proc.returncode else []
+    print(f"[{time.time() - started:6.0f} s] rc={proc.returncode} {' '.join(args[:5])} {' '.join(tail)}", flush=True)
+
+
+def default_lr(method: str) -> float:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        return float(compose("config", [f"method={method}"]).optimizer.lr)
+
+
+def jobs_for(phase: str, methods: list[str]) -> list[tuple[list[str], Path]]:
+    OUT.mkdir(parents=True, exist_ok=True)
+    sweep_csv, table_csv = OUT / "sweep.csv", OUT / "table.csv"
+    found = rows(sweep_csv) + rows(table_csv)
+    jobs = []
+    if phase == "sweep":
+        for method in methods:
+            jobs += [(overrides(method, "sst2", 0, lr), sweep_csv) for lr in GRID[method]
+                     if not done(found, method, "sst2", 0, lr)]
+    else:
+        for task in TASKS:
+            for method in methods:
+                lr = default_lr(method)
+                jobs += [(overrides(method, task, seed, None), table_csv) for seed in SEEDS
+                         if not done(found, method, task, seed, lr)]
+    return jobs
+
+
+# -- render -----------------------------------------------------------------------------------------------------
+def majority(task: str) -> float:
+    from omegaconf import OmegaConf
+
+    from lowrank_bench.tasks.glue import GlueTask
+
+    cfg = OmegaConf.create({"family": "glue", "subset": task, "data_dir": None, "max_length": None,
+                            "max_train_samples": None, "max_eval_samples": None, "metric": None})
+    labels = [e.label for e in GlueTask(cfg).raw_split("validation")]
+    return max(labels.count(v) for v in set(labels)) / len(labels)
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "missing"
+    spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f} (n={len(values)})"
+
+
+def time_to_target(row: dict) -> float | None:
+    """Training seconds until the dev accuracy first reached TARGET: the step of that evaluation (metrics.jsonl)
+    times the run's measured mean time per step (steps cost the same throughout a run)."""
+    path = Path(row["run_dir"]) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if (record.get("accuracy") or 0.0) >= TARGET:
+            return record["step"] * float(row["time_per_step_ms"]) / 1000
+    return None
+
+
+def render() -> str:
+    sweep, table = rows(OUT / "sweep.csv"), rows(OUT / "table.csv")
+    lines = ["# Every method's defaults, re-derived on the shared data", "",
+             "Produced by `benchmarks/default_sweep.py` (see its docstring for the protocol); rows in sweep.csv and "
+             "table.csv.", "", "## Learning-rate sweep (seed 0, SST-2 subset, last dev accuracy)", "",
+             "| method | " + " | ".join(["lr", "accuracy", "final train loss", "status"]) + " |", "|---|---|---|---|---|"]
+    for method in METHODS:
+        for r in sorted((r for r in sweep if r["method"] == method), key=lambda r: float(r["lr"])):
+            lines.append(f"| {method} | {float(r['lr']):g} | {r['last_accuracy'] or '-'} | "
+                         f"{r.get('final_train_loss', '')} | {r.get('status', '')} |")
+    every = sweep + table
+    lines += ["", "## At the new defaults (seeds 0-2): mean ± std of the last dev score, in %", "",
+              "| method | lr | SST-2 accuracy | MRPC accuracy | MRPC F1 | degenerate runs |", "|---|---|---|---|---|---|"]
+    for method in METHODS:
+        lr = default_lr(method)
+        cells, degenerate = [], 0
+        for task, key in (("sst2", "last_accuracy"), ("mrpc", "last_accuracy"), ("mrpc", "last_f1")):
+            picked = {int(r["seed"]): r for r in every if r["method"] == method and r["task"] == f"glue/{task}"
+                      and float(r["lr"]) == lr and int(r["seed"]) in SEEDS}
+            cells.append(mean_std([float(r[key]) for r in picked.values() if r.get(key)]))
+            if key == "last_accuracy":
+                degenerate += sum(r.get("degenerate") == "True" for r in picked.values())
+        lines.append(f"| {method} | {lr:g} | " + " | ".join(cells) + f" | {degenerate} |")
+    lines.append(f"| majority class | | {100 * majority('sst2'):.2f} | {100 * majority('mrpc'):.2f} | "
+                 f"{100 * 2 * majority('mrpc') / (1 + majority('mrpc')):.2f} | |")
+    lines += ["", f"## Time to {TARGET:.0%} SST-2 dev accuracy (training seconds, evaluation every 30 steps)", ""]
+    for method in sorted(CURVES):
+        lr = default_lr(method)
+        times = [time_to_target(r) for r in every if r["method"] == method and r["task"] == "glue/sst2"
+                 and float(r["lr"]) == lr]
+        lines.append(f"- {method} (lr {lr:g}): " + ", ".join("never" if t is None else f"{t:.0f} s" for t in times))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("phase", choices=("sweep", "table", "render"))
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (each on one thread)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    args = parser.parse_args()
+    if args.phase == "render":
+        (OUT / "README.md").write_text(render())
+        print((OUT / "README.md").read_text())
+        return
+    jobs = jobs_for(args.phase, args.methods.split(","))
+    print(f"{len(jobs)} runs to do", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda job: run(*job), jobs))
+
+
+if __name__ == "__main__":
+    main()
