@@ -107,10 +107,26 @@ def tables_of(evals: list[dict], metric: str) -> dict:
 
 def config_hash(cfg) -> str:
     """What a run's numbers depend on, the seed left out: rows with the same hash are seeds of one configuration
-    (the resolved config without where and how the run reports: checkpoint.identity)."""
+    (the resolved config without where and how the run reports: checkpoint.identity). Settings that merely repeat
+    the seed (`method.seed: ${seed}`, CURLoRA's sampling seed) are left out with it."""
     from lowrank_bench.checkpoint import fingerprint, identity
 
-    return fingerprint({k: v for k, v in identity(cfg).items() if k != "seed"})
+    tree = {k: v for k, v in identity(cfg).items() if k != "seed"}
+    for path in seed_interpolations(OmegaConf.to_container(cfg, resolve=False)):
+        *parents, leaf = path
+        node = tree
+        for key in parents:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return fingerprint(tree)
+
+
+def seed_interpolations(tree, path: tuple = ()) -> list[tuple]:
+    """The paths of every value that is exactly `${seed}` in an unresolved config."""
+    if isinstance(tree, dict):
+        return [p for key, value in tree.items() for p in seed_interpolations(value, (*path, key))]
+    return [path] if tree == "${seed}" else []
 
 
 def summarize(cfg, task_name: str, metric: str, method, trainer, history, params: dict[str, int],

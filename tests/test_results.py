@@ -63,3 +63,13 @@ def test_a_ragged_row_does_not_block_a_row_with_new_columns(tmp_path):
     append_row(path, {"method": "ft", "seed": 2, "status": "finished"})  # a new column: the file is rewritten
     assert [(r["method"], r["status"]) for r in read_rows(path)] == [("lora", ""), ("ft", "finished")]
     assert (tmp_path / "runs.csv.torn").read_text() == "dora,1,extra,cells\n"  # kept whole, for a person to judge
+
+
+def test_seeds_of_one_configuration_share_a_config_hash_even_where_a_setting_repeats_the_seed():
+    from lowrank_bench.results import config_hash
+    from tests.conftest import compose_cfg
+
+    curlora = [config_hash(compose_cfg("method=curlora", f"seed={s}")) for s in (0, 1)]
+    assert curlora[0] == curlora[1]  # method.seed: ${seed} is the seed again, not a setting of its own
+    assert config_hash(compose_cfg("method=curlora", "method.seed=7")) != curlora[0]  # a fixed sampling seed is
+    assert config_hash(compose_cfg("method=lora", "optimizer.lr=1e-3")) != config_hash(compose_cfg("method=lora"))
