@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.results import read_rows
@@ -43,6 +44,17 @@ def test_every_config_group_option_composes():
     mrpc = compose_cfg("experiment=bidora/roberta_base_mrpc")
     assert (mrpc.method.name, mrpc.model.name, mrpc.task.name) == ("bidora", "roberta-base", "glue/mrpc")
     assert (mrpc.optimizer.lr, mrpc.trainer.max_steps, mrpc.optimizer.betas[1]) == (2e-5, 28000, 0.98)
+
+
+def test_each_method_yaml_carries_its_own_default_learning_rate_and_the_command_line_wins():
+    own = {m: OmegaConf.load(CONF / "method" / f"{m}.yaml").get("lr") for m in METHODS if "/" not in m}
+    assert all(lr is not None for lr in own.values()), own  # chosen by benchmarks/default_sweep.py
+    assert len(set(own.values())) > 2  # the point: one lr does not suit every method
+    for method, lr in own.items():
+        assert compose_cfg(f"method={method}").optimizer.lr == lr, method
+    assert compose_cfg("method=lotr", "optimizer.lr=1e-5").optimizer.lr == 1e-5
+    assert compose_cfg("method=peft/vera").optimizer.lr == 5e-4  # a method without its own: the optimizer's
+    assert compose_cfg("experiment=bidora/roberta_base_mrpc").optimizer.lr == 2e-5  # a preset's lr is the paper's
 
 
 def test_run_writes_summary_metrics_adapter_and_one_row(tmp_path):

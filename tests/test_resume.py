@@ -97,7 +97,7 @@ def test_identity_ignores_where_and_how_a_run_reports_and_lists_what_differs():
     ident = checkpoint.identity(base)
     assert checkpoint.fingerprint(ident) == checkpoint.fingerprint(checkpoint.identity(same))
     assert "trainer.max_steps: 4 -> 5" in checkpoint.differences(ident, checkpoint.identity(other))
-    assert "optimizer.lr: 0.0005 -> 0.1" in checkpoint.differences(ident, checkpoint.identity(other))
+    assert "optimizer.lr: 0.002 -> 0.1" in checkpoint.differences(ident, checkpoint.identity(other))
     assert len(checkpoint.differences(ident, checkpoint.identity(other))) == 2
 
 
@@ -258,7 +258,7 @@ def test_a_checkpoint_of_another_config_is_refused_with_the_keys_that_differ(tmp
     with pytest.raises(LrbenchError) as refused:
         run(compose_cfg(*overrides, "trainer.max_steps=3", "optimizer.lr=1e-3",
                         f"trainer.resume={tmp_path / 'run'}"), tmp_path / "other")
-    assert "2 key(s) differ (checkpoint -> this run): optimizer.lr: 0.0005 -> 0.001; trainer.max_steps: 2 -> 3" \
+    assert "2 key(s) differ (checkpoint -> this run): optimizer.lr: 0.002 -> 0.001; trainer.max_steps: 2 -> 3" \
         in str(refused.value)
     assert not (tmp_path / "other").exists()
     with pytest.raises(LrbenchError, match="that run finished"):  # kept, marked finished
