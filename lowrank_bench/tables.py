@@ -6,6 +6,12 @@
 A configuration is a task, model and method with one config hash (every setting but the seed), so runs that differ
 in learning rate or precision are separate lines, never "seeds" of one. A seed that appears twice and runs that
 predicted one class are flagged; diverged runs are left out (and listed) unless asked for.
+
+Published numbers (results/paper_numbers.csv) are one per line: `source,method,model,task,metric,value` (what
+`--paper` joins on), then where the number is printed (`paper,table,row,column`), its `unit` (percent: ours are
+fractions shown x100; fraction; raw, e.g. a perplexity), the paper's ± (`paper_std`), `verified` (yes: read from
+the repository or page itself; no: transcribed from the paper's table) and a `note`. Rows without the later columns
+read as percent. `python -m lowrank_bench.reproduce` renders the papers' tables cell by cell from the same file.
 """
 from __future__ import annotations
 
@@ -27,6 +33,29 @@ def fmt(values: list[float], scale: float = 100.0) -> str:
     if len(values) == 1:
         return f"{mean:.2f}"
     return f"{mean:.2f} ± {statistics.stdev(values) * scale:.2f}"
+
+
+UNIT_SCALE = {"percent": 100.0, "fraction": 1.0, "raw": 1.0}
+
+
+def unit_scale(unit: str | None) -> float:
+    """The factor that brings one of our values (a fraction, or a raw number such as a perplexity) to `unit`."""
+    unit = unit or "percent"
+    if unit not in UNIT_SCALE:
+        raise ValueError(f"unit {unit!r}; valid: {', '.join(UNIT_SCALE)}")
+    return UNIT_SCALE[unit]
+
+
+def metric_value(row: dict, metric: str) -> float | None:
+    """A row's value of `metric`: its best evaluation's (`best_<metric>`) where the row has one, else the column
+    itself (continual rows: `final_accuracy_mrpc`, `ppl_after`); None when blank (undefined) or absent."""
+    cell = row.get(f"best_{metric}")
+    if cell in (None, ""):
+        cell = row.get(metric)
+    try:
+        return None if cell in (None, "") else float(cell)
+    except ValueError:
+        return None
 
 
 def seeds_cell(members: list[dict]) -> str:
@@ -83,16 +112,19 @@ def where(rows: list[dict], conditions: list[str]) -> list[dict]:
 
 
 def against_papers(rows: list[dict], paper_rows: list[dict]) -> Table:
-    """Our best value (mean ± std over seeds) next to every published number for the same method, model, task."""
-    table = Table(title="lrbench vs published numbers (×100)")
+    """Our best value (mean ± std over seeds) next to every published number for the same method, model, task, in
+    the paper's unit (percent: ours x100)."""
+    table = Table(title="lrbench vs published numbers (in the paper's unit: percent = ours ×100)")
     for col in ("task", "model", "method", "metric", "ours", "seeds", "paper", "source"):
         table.add_column(col, justify="right" if col in ("ours", "paper") else "left")
     for paper in paper_rows:
         mine = [r for r in rows if (r["method"], r["model"], r["task"]) == (paper["method"], paper["model"], paper["task"])]
-        values = [float(r[f"best_{paper['metric']}"]) for r in mine if r.get(f"best_{paper['metric']}") not in (None, "")]
+        values = [v for v in (metric_value(r, paper["metric"]) for r in mine) if v is not None]
         if values:
-            table.add_row(paper["task"], paper["model"], paper["method"], paper["metric"], fmt(values), str(len(values)),
-                          paper["value"], paper["source"])
+            where_printed = " ".join(paper.get(k) or "" for k in ("table", "row")).strip()
+            table.add_row(paper["task"], paper["model"], paper["method"], paper["metric"],
+                          fmt(values, unit_scale(paper.get("unit"))), str(len(values)), paper["value"],
+                          paper["source"] + (f" · {where_printed}" if where_printed else ""))
     return table
 
 

@@ -57,6 +57,7 @@ RULES: list[tuple[str, str, object, str]] = [
     ("task.max_length", INTEGER, positive, "an integer > 0, or null for model.max_length"),
     ("task.max_train_samples", INTEGER, positive, "an integer > 0, or null for all"),
     ("task.max_eval_samples", INTEGER, positive, "an integer > 0, or null for all"),
+    ("task.source", CHOICE, ("auto", "local", "hub"), "auto, local or hub"),  # tasks.base.SOURCES
 ]
 
 

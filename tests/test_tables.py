@@ -1,9 +1,10 @@
 """The comparison tables: mean ± std over seeds, and ours next to the published numbers."""
 from __future__ import annotations
 
+import pytest
 from rich.console import Console
 
-from lowrank_bench.tables import against_papers, comparison, fmt, where
+from lowrank_bench.tables import against_papers, comparison, fmt, metric_value, unit_scale, where
 
 
 def render(table) -> str:
@@ -43,3 +44,24 @@ def test_two_learning_rates_are_two_configurations_and_a_duplicate_seed_is_flagg
     assert any("0.001" in line and "2 (seed 1 ×2)" in line and "82.00 ± 2.00" in line for line in lines)
     assert any("0.0001" in line and "70.00" in line for line in lines)
     assert [r["seed"] for r in where(rows, ["lr=1e-3", "seed=1"])] == ["1", "1"]
+
+
+def test_published_numbers_in_fractions_and_raw_units_are_compared_in_their_unit():
+    rows = [{"task": "continual/curlora", "model": "gpt2-large", "method": "curlora", "final_accuracy_mrpc": "0.7",
+             "ppl_after": "28.5"}]
+    paper = [{"source": "CURLoRA Table 2", "method": "curlora", "model": "gpt2-large", "task": "continual/curlora",
+              "metric": "final_accuracy_mrpc", "value": "0.70", "unit": "fraction", "table": "Table 2",
+              "row": "MRPC (after S140)"},
+             {"source": "CURLoRA Table 2", "method": "curlora", "model": "gpt2-large", "task": "continual/curlora",
+              "metric": "ppl_after", "value": "28.25", "unit": "raw"}]
+    text = render(against_papers(rows, paper))
+    assert "0.70" in text and "28.50" in text and "70.00" not in text and "Table 2 MRPC (after S140)" in text
+
+
+def test_a_rows_value_is_its_best_evaluation_else_its_own_column_and_blank_is_none():
+    assert metric_value({"best_accuracy": "0.8", "accuracy": "0.1"}, "accuracy") == 0.8
+    assert metric_value({"ppl_before": "5.44"}, "ppl_before") == 5.44
+    assert metric_value({"best_pearson": ""}, "pearson") is None
+    assert (unit_scale(None), unit_scale("fraction"), unit_scale("raw")) == (100.0, 1.0, 1.0)
+    with pytest.raises(ValueError):
+        unit_scale("permille")

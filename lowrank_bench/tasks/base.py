@@ -58,19 +58,84 @@ def read_text(path: Path) -> str:
         raise LrbenchError(f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x}); save the file as UTF-8") from None
 
 
-def local_data_folder(cfg, shared_subpath: str, expected: str, group: str = "task") -> Path | None:
-    """`<group>.data_dir` when set (it must exist), else `$LRBENCH_DATA_DIR/<shared_subpath>` when that exists, else
-    None (the Hub, where the family has one). `expected` says what the folder should hold, for the error."""
+def check_text(path: Path) -> Path:
+    """`read_text`'s checks alone, for a reader that parses the file itself (pandas, the csv module)."""
+    read_text(path)
+    return path
+
+
+#: `task.source`: where a family with both reads its data
+SOURCES = ("auto", "local", "hub")
+
+
+def data_source(cfg, group: str = "task") -> str | None:
+    """`<group>.source` checked: auto (local data when found, else the Hub), local (local files only) or hub (the
+    Hub only). None when the config has no such key (eval/mc): the look-up of `local_data_folder` without its
+    strictness."""
+    if "source" not in cfg:
+        return None
+    value = cfg.get("source")
+    if value is None:
+        return "auto"
+    if value not in SOURCES:
+        raise LrbenchError(f"{group}.source={value}: must be auto, local or hub")
+    return value
+
+
+def shared_data_folder(cfg, shared_subpath: str, expected: str, group: str = "task", hub: bool = True) -> Path | None:
+    """With no `<group>.data_dir`: `$LRBENCH_DATA_DIR/<shared_subpath>` when that exists, else None (the Hub).
+
+    A set LRBENCH_DATA_DIR that lacks the folder is an error under `source: auto` too, never a silent fall-back to
+    the Hub (`source: hub` is the way to ask for the Hub); so is `source: local` with no local data at all. `hub`:
+    whether the family has a Hub copy to point to."""
+    source = data_source(cfg, group)
+    shared = data_dir()
+    if shared and (shared / shared_subpath).is_dir():
+        return shared / shared_subpath
+    if source is None or source == "auto" and shared is None:
+        return None
+    instead = f", or {group}.source=hub to read the Hub" if hub else ""
+    if shared is None:
+        raise LrbenchError(f"{group}.source=local but there is no local data: set {group}.data_dir=<a folder with "
+                           f"{expected}>, or LRBENCH_DATA_DIR (read from $LRBENCH_DATA_DIR/{shared_subpath}){instead}")
+    raise LrbenchError(f"LRBENCH_DATA_DIR={shared} has no folder {shared_subpath} (expected {expected}); add it or "
+                       f"set {group}.data_dir=<folder>{instead}")
+
+
+def built_in_data(cfg, what: str) -> None:
+    """A family whose data comes with the code or an installed package: `task.source`, if given (a continual
+    sequence's `every_stage.source`), can only be auto."""
+    source = data_source(cfg)
+    if source not in (None, "auto"):
+        raise LrbenchError(f"task.source={source} does not apply to {cfg.get('name')}, whose data {what}; leave it at "
+                           f"auto")
+
+
+def hub_only(cfg, group: str = "task", hub: bool = True) -> bool:
+    """Whether `<group>.source=hub`; refused for data with no Hub copy, and next to a `<group>.data_dir`."""
+    if data_source(cfg, group) != "hub":
+        return False
+    if not hub:
+        raise LrbenchError(f"{group}.source=hub: this data has no Hub copy; choose {group}.source=auto or local")
+    if cfg.get("data_dir"):
+        raise LrbenchError(f"{group}.data_dir={cfg.data_dir} is a local folder but {group}.source=hub reads the Hub "
+                           f"only; drop one of them")
+    return True
+
+
+def local_data_folder(cfg, shared_subpath: str, expected: str, group: str = "task", hub: bool = True) -> Path | None:
+    """`<group>.data_dir` when set (it must exist), else `$LRBENCH_DATA_DIR/<shared_subpath>` (`shared_data_folder`),
+    else None (the Hub, where the family has one). `<group>.source=hub` skips the local look-up. `expected` says what
+    the folder should hold, for the error."""
+    if hub_only(cfg, group, hub):
+        return None
     configured = cfg.get("data_dir")
     if configured:
         folder = Path(str(configured)).expanduser()
         if not folder.is_dir():
             raise LrbenchError(f"{group}.data_dir={configured}: no such folder (expected {expected})")
         return folder
-    shared = data_dir()
-    if shared and (shared / shared_subpath).is_dir():
-        return shared / shared_subpath
-    return None
+    return shared_data_folder(cfg, shared_subpath, expected, group, hub)
 
 
 def fingerprint(*parts) -> str:

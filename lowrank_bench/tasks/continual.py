@@ -2,9 +2,9 @@
 
 A sequence YAML names its stages in order (`sequence`) and defines each (`stages.<name>`): the task config it
 reuses (`task: glue/mrpc`, any file under conf/task/) plus per-stage overrides. Overrides of the task itself
-(`max_train_samples`, `max_eval_samples`, `max_length`, `data_dir`, ...) go into that task's config; `epochs` and
-`max_steps` go to the stage's budget; `lr`, `schedule`, `warmup_steps`, `warmup_ratio`, `weight_decay` and
-`schedule_steps` to its optimiser.
+(`max_train_samples`, `max_eval_samples`, `max_length`, `data_dir`, `source`, ...) go into that task's config;
+`epochs` and `max_steps` go to the stage's budget; `lr`, `schedule`, `warmup_steps`, `warmup_ratio`, `weight_decay`
+and `schedule_steps` to its optimiser. A stage's task that cannot be built says which stage it is.
 
 `every_stage.<key>` overrides a key in every stage (from the command line: `task.every_stage.max_train_samples=200`;
 one stage: `+task.stages.mrpc.max_eval_samples=100`). `protocol` picks a named set of extra overrides from
@@ -85,7 +85,12 @@ class ContinualTask:
         budget = {k: overrides.pop(k) for k in BUDGET_KEYS if k in overrides}
         optimizer = {k: overrides.pop(k) for k in OPTIMIZER_KEYS if k in overrides}
         task_cfg = OmegaConf.merge(OmegaConf.load(TASK_CONF / f"{task_name}.yaml"), overrides)
-        return StagePlan(name, build(task_cfg), budget, optimizer)
+        try:
+            task = build(task_cfg)
+        except LrbenchError as err:  # say which stage, and where its settings go (task.source=hub means the stage's)
+            raise LrbenchError(f"stage '{name}' of {self.name} (its settings: task.stages.{name}.<key>, or "
+                               f"task.every_stage.<key>): {err}") from None
+        return StagePlan(name, task, budget, optimizer)
 
     @property
     def tasks(self) -> list[Task]:

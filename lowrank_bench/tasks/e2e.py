@@ -3,7 +3,8 @@ the five official metrics (`lowrank_bench.e2e_metrics`: BLEU, NIST, METEOR, ROUG
 
 Data: the official CSVs (`mr,ref`, one row per reference, several references per MR): `trainset.csv`, `devset.csv`
 (evaluated as `validation`) and `testset_w_refs.csv` (`test`) in `task.data_dir`, else in `$LRBENCH_DATA_DIR/e2e`,
-else the Hub copy (`tuetschek/e2e_nlg`: `meaning_representation`, `human_reference`). `task.split`:
+else the Hub copy (`tuetschek/e2e_nlg`: `meaning_representation`, `human_reference`); `task.source` auto (that
+order; a set LRBENCH_DATA_DIR without an `e2e` folder is an error), local or hub. `task.split`:
 - `official`: train on the train set, evaluate `task.eval_on` (validation or test);
 - `dev_by_mr`: the offline stand-in when only `devset.csv` is at hand: its distinct MRs are shuffled with
   `task.split_seed`, the first `task.eval_mrs` are evaluated and the references of all the others train;
@@ -54,7 +55,8 @@ from lowrank_bench import e2e_metrics
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError, choices
 from lowrank_bench.models import Head, hub_offline, hub_reachable, offline_message
-from lowrank_bench.tasks.base import Task, cached, fingerprint, local_data_folder, pad_batch, tokenizer_id
+from lowrank_bench.tasks.base import (Task, cached, check_text, fingerprint, local_data_folder, pad_batch,
+                                      tokenizer_id)
 
 FILES = {"train": "trainset.csv", "validation": "devset.csv", "test": "testset_w_refs.csv"}
 HUB_DATASET = "tuetschek/e2e_nlg"
@@ -225,7 +227,7 @@ class E2ETask(Task):
         path = self.folder / FILES[split]
         if not path.is_file():
             raise LrbenchError(f"missing data file {path} for {self.name} (split {split})")
-        return path
+        return check_text(path)  # empty, or not UTF-8: file:line, before the csv module meets it
 
     def source_id(self) -> str:
         if self.folder is None:

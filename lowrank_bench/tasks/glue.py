@@ -2,7 +2,8 @@
 
 Local layout (as written by the classic `download_glue_data.py`): `<data_dir>/<Folder>/{train,dev}.tsv`
 (MNLI: `dev_matched.tsv`, `dev_mismatched.tsv`). With `task.data_dir` unset we look in `$LRBENCH_DATA_DIR/glue`,
-then fall back to the Hub (`nyu-mll/glue`).
+then fall back to the Hub (`nyu-mll/glue`). `task.source`: auto (that order; a set LRBENCH_DATA_DIR without the
+task's folder is an error), local (local files only) or hub (the Hub only).
 
 Official metrics: CoLA Matthews correlation; STS-B Pearson and Spearman (regression head); MRPC and QQP F1 and
 accuracy; MNLI matched and mismatched accuracy, reported separately; the rest accuracy.
@@ -17,7 +18,7 @@ from pathlib import Path
 from lowrank_bench import metrics
 from lowrank_bench.errors import LrbenchError, choices
 from lowrank_bench.models import Head, hub_offline, hub_reachable, offline_message
-from lowrank_bench.tasks.base import ClassificationTask, Example, check_label, data_dir, read_text
+from lowrank_bench.tasks.base import ClassificationTask, Example, check_label, hub_only, read_text, shared_data_folder
 
 HUB_DATASET = "nyu-mll/glue"
 NLI2 = ("entailment", "not_entailment")
@@ -70,6 +71,10 @@ class GlueTask(ClassificationTask):
 
     # -- where the data is ------------------------------------------------------------------------------------
     def local_folder(self) -> Path | None:
+        """`task.source` (base.shared_data_folder): hub skips this; local requires the folder; auto takes it when
+        found, and a set LRBENCH_DATA_DIR must hold it."""
+        if hub_only(self.cfg):
+            return None
         configured = self.cfg.get("data_dir")
         if configured:
             folder = Path(str(configured)).expanduser() / self.spec.folder
@@ -77,10 +82,7 @@ class GlueTask(ClassificationTask):
                 raise LrbenchError(f"task.data_dir={configured}: no folder {folder} (expected the glue_data/ layout "
                                    f"<data_dir>/{self.spec.folder}/{{train,dev}}.tsv)")
             return folder
-        shared = data_dir()
-        if shared and (shared / "glue" / self.spec.folder).is_dir():
-            return shared / "glue" / self.spec.folder
-        return None
+        return shared_data_folder(self.cfg, f"glue/{self.spec.folder}", f"{{train,dev}}.tsv of {self.name}")
 
     def files(self, split: str) -> Path:
         name = "train.tsv" if split == "train" else self.spec.splits[split][0]

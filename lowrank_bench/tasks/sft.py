@@ -6,7 +6,9 @@ datasets (`task.sources`); CoLA's recipe on top is `conf/experiment/cola/<model>
 
 Where a dataset comes from, first match wins:
 1. `task.files`: explicit JSON / JSONL / CSV files, which then *are* the sources (one dataset per file);
-2. `task.data_dir`, else `$LRBENCH_DATA_DIR/sft`: `<folder>/<source.file>.{json,jsonl,csv}`; the file stems are
+2. `task.data_dir`, else `$LRBENCH_DATA_DIR/sft` (a set LRBENCH_DATA_DIR without it is an error, as in every
+   family; `task.source=hub` skips this step, `task.source=local` requires a file for every dataset):
+   `<folder>/<source.file>.{json,jsonl,csv}`; the file stems are
    those of CoLA's `LLaMA-Factory/data/` (`databricks-dolly-15k`, `Lawyer-Instruct`, `us_terms`, `iCliniq`,
    `GenMedGPT-5k`, `gsm8k_train`, `fineval_train-en`), so `task.data_dir=<CoLA>/LLaMA-Factory/data` reads the
    paper's files;
@@ -76,7 +78,7 @@ from rich.text import Text
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError, choices
 from lowrank_bench.models import Head, hub_offline, hub_reachable, offline_message
-from lowrank_bench.tasks.base import Task, local_data_folder
+from lowrank_bench.tasks.base import Task, data_source, local_data_folder, read_text
 
 TEMPLATES = ("auto", "chat", "llama3", "plain", "none")
 SAMPLING = ("first", "seeded")
@@ -242,20 +244,35 @@ def pack(examples: list[dict], cutoff: int) -> list[dict]:
 def read_records(path: Path) -> list[dict]:
     """Rows of a JSON (a list of objects), JSON Lines or CSV file, every CSV cell as written (strings)."""
     suffix = path.suffix.lower()
+    text = read_text(path)  # an empty file, or bytes that are not UTF-8: file:line
     try:
         if suffix == ".csv":
+            import io
+
             import pandas as pd
 
-            return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
-        text = path.read_text(encoding="utf-8")
+            return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False).to_dict("records")
         if suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+            return [json_line(path, number, line) for number, line in enumerate(text.splitlines(), start=1)
+                    if line.strip()]
         rows = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as err:
+    except json.JSONDecodeError as err:
+        raise LrbenchError(f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
+    except ValueError as err:
         raise LrbenchError(f"{path}: malformed {suffix[1:].upper()} ({err})") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise LrbenchError(f"{path}: a JSON file must hold a list of objects (one per example)")
     return rows
+
+
+def json_line(path: Path, number: int, line: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise LrbenchError(f"{path}:{number}: malformed JSON line ({err.msg}, column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise LrbenchError(f"{path}:{number}: a JSON Lines file holds one object per line (one example)")
+    return row
 
 
 def column_map(found: list[str], candidates: dict[str, tuple[str, ...]], where: str) -> dict[str, str]:
@@ -373,7 +390,11 @@ class SftTask(Task):
     def resolve_sources(self) -> list[Source]:
         c = self.cfg
         task_columns = c.get("columns")
+        source = data_source(c) or "auto"
         if c.files:
+            if source == "hub":
+                raise LrbenchError(f"task.files lists local files but task.source=hub reads the Hub only; drop one "
+                                   f"of them")
             paths = [Path(str(p)).expanduser() for p in c.files]
             for path in paths:
                 if not path.is_file():
@@ -385,6 +406,12 @@ class SftTask(Task):
         sources = []
         for s in c.sources:
             path = self.local_file(folder, s)
+            if path is None and source == "local":
+                raise LrbenchError(f"{self.name}: task.source=local but dataset {s.name!r} has no local file in "
+                                   f"{folder} (looked for {s.file}{{{','.join(EXTENSIONS)}}})")
+            if path is None and source == "hub" and not s.get("hub"):
+                raise LrbenchError(f"{self.name}: task.source=hub but dataset {s.name!r} has no Hub copy; choose "
+                                   f"task.source=auto or local and put {s.file}.json in task.data_dir")
             if path is None and not s.get("hub"):
                 where = f"task.data_dir={folder}" if folder else "no task.data_dir"
                 raise LrbenchError(f"{self.name}: dataset {s.name!r} has no Hub copy and no local file ({where}); put "

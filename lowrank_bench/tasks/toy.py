@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 
-from lowrank_bench.tasks.base import ClassificationTask, Example
+from lowrank_bench.tasks.base import ClassificationTask, Example, built_in_data
 
 POSITIVE = ["good", "great", "wonderful", "brilliant", "charming", "delightful", "superb", "moving", "clever",
             "beautiful", "funny", "gripping", "excellent", "fresh", "touching", "smart"]
@@ -34,6 +34,10 @@ def generate(split: str, n: int) -> list[Example]:
 
 class ToySentiment(ClassificationTask):
     name = "toy/sentiment"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        built_in_data(cfg, "is generated in code")
 
     def source_id(self) -> str:
         return "embedded-v1"

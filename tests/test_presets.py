@@ -1,0 +1,100 @@
+"""Every experiment preset composes, names only options that exist and passes the settings check; the reproduce
+registry's tables compose too. Composing only: no model is loaded, nothing trains."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from lowrank_bench.errors import LrbenchError
+from lowrank_bench.reproduce import REGISTRY, load_registry, plan, plan_runs
+from lowrank_bench.validate import check
+from tests.conftest import CONF, compose_cfg
+
+PRESETS = sorted(p.relative_to(CONF / "experiment").with_suffix("").as_posix()
+                 for p in (CONF / "experiment").rglob("*.yaml"))
+
+
+def groups_overridden(name: str) -> dict[str, str]:
+    """The `override /<group>: <option>` entries of a preset's defaults list."""
+    text = yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text())
+    out = {}
+    for entry in text.get("defaults", []):
+        if isinstance(entry, dict):
+            for key, option in entry.items():
+                if key.startswith("override /"):
+                    out[key.removeprefix("override /")] = option
+    return out
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_composes_and_passes_the_settings_check(name):
+    cfg = compose_cfg(f"experiment={name}")
+    try:
+        check(cfg)
+    except LrbenchError as err:
+        pytest.fail(f"experiment={name}: {err}")
+    for group, option in groups_overridden(name).items():
+        assert (CONF / group / f"{option}.yaml").is_file(), f"{name}: no conf/{group}/{option}.yaml"
+        if group in ("method", "model", "task"):  # options named as they are selected (optimizer, eval: not)
+            assert cfg[group].name == option, f"{name}: {group} is {cfg[group].name}, the preset says {option}"
+
+
+def test_presets_cover_the_papers_headline_tables():
+    expected = [f"lora/roberta_{size}_{task}" for size in ("base", "large")
+                for task in ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb")]
+    expected += [name.replace("lora/", "bilora/") for name in expected]
+    expected += [f"bidora/roberta_large_{t}" for t in ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb")]
+    expected += [f"lotr/roberta_base_{t}" for t in ("cola", "mrpc", "qnli", "rte", "sst2", "stsb", "wnli")]
+    expected += ["curlora/mistral_7b_continual", "curlora/gpt2_large_continual", "lora/roberta_base_ft",
+                 "lora/roberta_large_ft"]
+    assert not [name for name in expected if name not in PRESETS]
+
+
+def test_curlora_presets_carry_the_papers_settings():
+    mistral = compose_cfg("experiment=curlora/mistral_7b_continual")
+    assert (mistral.model.name, mistral.task.name, mistral.trainer.batch_size, mistral.model.max_length) == \
+        ("mistral-7b", "continual/curlora", 8, 512)
+    assert (mistral.optimizer.lr, mistral.optimizer.schedule, mistral.optimizer.warmup_steps) == (2.5e-4, "cosine", 500)
+    gpt2 = compose_cfg("experiment=curlora/gpt2_large_continual")
+    assert (gpt2.trainer.batch_size, gpt2.model.max_length, gpt2.task.stages.sst2.max_train_samples) == (32, 256, 5000)
+    assert (gpt2.task.stages.s140.epochs, gpt2.task.stages.s140.schedule) == (5, "constant")
+    lora = compose_cfg("experiment=curlora/mistral_7b_continual", "method=lora", "method.targets=qkv", "method.r=8",
+                       "method.alpha=8")
+    assert lora.method.alpha / lora.method.r == 1  # the paper's LoRA: alpha x A B, alpha 1, no 1/r
+
+
+def test_the_lora_glue_recipe_uses_the_effective_batch_of_all_gpus():
+    cfg = compose_cfg("experiment=lora/roberta_base_cola")  # 32 per device x 2 GPUs
+    assert (cfg.trainer.batch_size, cfg.optimizer.lr, cfg.trainer.epochs, cfg.method.r, cfg.method.alpha) == \
+        (64, 4e-4, 80, 8, 16)
+    large = compose_cfg("experiment=lora/roberta_large_rte")  # 8 per device x 8 GPUs
+    assert (large.trainer.batch_size, large.model.max_length, large.optimizer.warmup_ratio) == (64, 512, 0.06)
+
+
+def every_table_composes(scale: str) -> None:
+    planned = plan_runs(plan(load_registry(REGISTRY), scale), rows=[])
+    assert not planned.errors, f"{scale}: " + "; ".join(planned.errors.values())
+    assert planned.pending  # something to run
+
+
+def test_every_registry_table_composes_at_the_smoke_scale():
+    every_table_composes("smoke")
+
+
+@pytest.mark.slow
+def test_every_registry_table_composes_at_full_scale():  # ~370 configurations: half a minute on 2 cores
+    every_table_composes("full")
+
+
+def test_registry_names_only_its_own_runs_and_columns():
+    registry = load_registry(REGISTRY)
+    for name, spec in registry["tables"].items():
+        runs, columns = set(spec["runs"]), set(spec["columns"])
+        for comparison in spec.get("compare", []):
+            assert {label for pair in comparison["pairs"] for label in pair} <= runs, name
+            assert set(comparison.get("columns", [])) <= columns, name
+        for scale in registry["scales"]:
+            subset = spec.get(scale, {})
+            assert set(subset.get("runs", [])) <= runs and set(subset.get("columns", [])) <= columns, name
+        for variables in spec["columns"].values():
+            assert set(variables.get("mean_of", [])) <= columns, name

@@ -1,0 +1,231 @@
+"""`python -m lowrank_bench.reproduce`: presets -> runs -> rows -> rendered tables, the skipping of finished runs,
+the statistics, and the cells that have no value."""
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lowrank_bench import reproduce
+from lowrank_bench.reproduce import (
+    Result,
+    batches,
+    bootstrap_interval,
+    hydra_value,
+    load_registry,
+    plan,
+    plan_runs,
+    signed_rank_test,
+)
+from lowrank_bench.results import read_rows
+
+PAPER = {"paper": "Paper X", "table": "Table 9"}
+SMOKE = {"model": "tiny-roberta", "task": "toy/sentiment", "task.max_train_samples": 32,
+         "task.max_eval_samples": 32}
+REGISTRY = {
+    "scales": {
+        "full": {"output": "unused", "overrides": {}},
+        "smoke": {"output": "unused", "seeds": [0, 1],
+                  "overrides": {"trainer.max_steps": 2, "trainer.batch_size": 8, "trainer.eval_batch_size": 32,
+                                "trainer.eval_every": None, "trainer.progress": False, "save_adapter": False}},
+    },
+    "tables": {
+        "glue": {
+            "title": "A GLUE-like table", "sources": [PAPER], "seeds": [0, 1, 2], "unit": "percent",
+            "columns": {"MRPC": {"task": "mrpc", "metric": "accuracy"},
+                        "RTE": {"task": "rte", "metric": "accuracy"},
+                        "Avg": {"mean_of": ["MRPC", "RTE"]}},
+            "runs": {"LoRA": {"experiment": "lora/roberta_base_{task}", "method": "lora"},
+                     "DoRA": {"experiment": "lora/roberta_base_{task}", "method": "dora"},
+                     "Adapter": {"paper_only": "no Adapter method here"}},
+            "compare": [{"name": "DoRA vs LoRA", "pairs": [["DoRA", "LoRA"]]}],
+            "smoke": {"columns": ["MRPC"], "metric": "accuracy", "overrides": SMOKE},
+        },
+        "nlg": {
+            "title": "A table whose family cannot run here", "sources": [PAPER], "seeds": [110], "unit": "percent",
+            "columns": {"BLEU": {"metric": "BLEU"}},
+            "runs": {"LoRA": {"experiment": "lora/gpt2_medium_e2e"}},
+            "smoke": {"skip": "no E2E data offline"},
+        },
+    },
+}
+PAPERS = [("LoRA", "MRPC", "88.0"), ("LoRA", "RTE", "70.0"), ("LoRA", "Avg", "79.0"), ("DoRA", "MRPC", "89.0"),
+          ("Adapter", "MRPC", "87.0"), ("LoRA", "BLEU", "70.4")]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    registry = tmp_path / "tables.yaml"
+    registry.write_text(yaml.safe_dump(REGISTRY, sort_keys=False))
+    papers = tmp_path / "papers.csv"
+    with papers.open("w", newline="") as out:
+        writer = csv.DictWriter(out, ["source", "method", "model", "task", "metric", "value", "paper", "table", "row",
+                                      "column", "unit", "paper_std", "verified", "note"])
+        writer.writeheader()
+        for row, column, value in PAPERS:
+            writer.writerow({**PAPER, "row": row, "column": column, "value": value, "unit": "percent",
+                             "verified": "no", "source": "test", "method": row.lower()})
+    out = tmp_path / "tables"
+    args = ["--scale", "smoke", "--registry", str(registry), "--papers", str(papers), "--output", str(out)]
+    return args, out
+
+
+def md_line(text: str, run: str, column: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {run} | {column} |"))
+
+
+def test_smoke_pipeline_runs_renders_and_a_second_invocation_skips_finished_runs(setup, monkeypatch, capsys):
+    args, out = setup
+    started = time.perf_counter()
+    assert reproduce.main(args) == 0
+    first = time.perf_counter() - started
+    rows = read_rows(out / "runs.csv")
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("dora", "0"), ("dora", "1"), ("lora", "0"), ("lora", "1")]
+    for name in ("glue", "nlg"):
+        for suffix in (".md", ".tex", ".png"):
+            assert (out / f"{name}{suffix}").stat().st_size > 0
+    text = (out / "glue.md").read_text()
+    lora = md_line(text, "LoRA", "MRPC").split(" | ")
+    mean = np.mean([float(r["best_accuracy"]) for r in rows if r["method"] == "lora"]) * 100
+    assert lora[2].startswith(f"{mean:.2f} ± ") and lora[3] == "2/2" and lora[4] == "88.0"
+    assert f"{mean - 88.0:+.2f}" in lora[6]
+    assert "| Adapter | MRPC | missing | – | 87.0 |" in text and "no Adapter method here" in text
+    assert "missing" in md_line(text, "LoRA", "RTE") and "not in the smoke scale's subset" in md_line(text, "LoRA", "RTE")
+    assert md_line(text, "LoRA", "Avg").split(" | ")[2] == "missing"  # needs RTE too
+    assert "| DoRA vs LoRA | 1 |" in text
+    nlg = (out / "nlg.md").read_text()
+    assert "| LoRA | BLEU | missing | – | 70.4 |" in nlg and "no E2E data offline" in nlg
+    tex = (out / "glue.tex").read_text()
+    assert r"\begin{longtable}" in tex and "88.0" in tex and r"$\pm$" in tex
+
+    def no_runs(*a, **k):
+        raise AssertionError("a finished run was started again")
+
+    monkeypatch.setattr(reproduce.subprocess, "run", no_runs)
+    capsys.readouterr()
+    started = time.perf_counter()
+    assert reproduce.main(args) == 0
+    second = time.perf_counter() - started
+    assert "0 to do in 0 sweep(s)" in capsys.readouterr().out
+    assert second < first / 2, (first, second)
+    assert (out / "glue.md").read_text() == text
+
+
+def planned_keys(args) -> dict:
+    """The smoke plan's row keys per configuration, as lrbench would write them (method, model, task, seed,
+    config hash): rows without training."""
+    registry = load_registry(Path(args[args.index("--registry") + 1]))
+    return plan_runs(plan(registry, "smoke"), rows=[]).keys
+
+
+def row_for(key, **values) -> dict:
+    method, model, task, seed, config_hash = key
+    return {"method": method, "model": model, "task": task, "seed": seed, "config_hash": config_hash,
+            "status": "finished", "degenerate": "False", **values}
+
+
+def test_finished_and_diverged_rows_are_not_run_again_and_render_flagged(setup, tmp_path, monkeypatch):
+    args, out = setup
+    keys = planned_keys(args)
+    (lora_mrpc,) = [ov for ov in keys if dict(ov)["method"] == "lora"]
+    (dora_mrpc,) = [ov for ov in keys if dict(ov)["method"] == "dora"]
+    rows = [row_for(keys[lora_mrpc][0], best_accuracy="0.80", degenerate="True"),
+            row_for(keys[lora_mrpc][1], best_accuracy="nan", status="diverged", run_dir="/runs/diverged"),
+            row_for(keys[dora_mrpc][0], best_accuracy="0.90"), row_for(keys[dora_mrpc][1], best_accuracy="0.70")]
+    out.mkdir()
+    with (out / "runs.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda *a, **k: pytest.fail("a finished run started again"))
+    assert reproduce.main(args) == 0  # every planned run has its row (a diverged one counts as done)
+    text = (out / "glue.md").read_text()
+    lora = md_line(text, "LoRA", "MRPC").split(" | ")
+    assert lora[2:8] == ["80.00", "1/2", "88.0", "no", "-8.00", "n/a (1 seed)"]
+    assert "degenerate (one class predicted): 1 of 1" in lora[8] and "1 diverged run(s) left out" in lora[8]
+    dora = md_line(text, "DoRA", "MRPC").split(" | ")
+    assert dora[2:8] == ["80.00 ± 14.14", "2/2", "89.0", "no", "-9.00", "yes"]
+    assert "/runs/diverged" in text.split("## Diverged runs")[1]
+    assert "| LoRA | 80.00 / 88.0 | – / 70.0 | – / 79.0 |" in text  # the paper's layout
+
+    rows.pop()  # DoRA's seed 1 is gone: --collect-only renders what there is and runs nothing
+    (out / "runs.csv").write_text("")
+    with (out / "runs.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert reproduce.main([*args, "--collect-only"]) == 0
+    assert md_line((out / "glue.md").read_text(), "DoRA", "MRPC").split(" | ")[2:4] == ["90.00", "1/2"]
+
+
+def test_every_published_number_of_a_registry_table_lands_in_one_of_its_cells():
+    registry = load_registry(reproduce.REGISTRY)
+    papers = reproduce.paper_numbers()
+    used = set()
+    for table in plan(registry, "full"):
+        for cell in table.cells:
+            found = reproduce.paper_for(table, cell, papers)
+            if found:
+                used.add((found["paper"], found["table"], found["row"], found["column"]))
+                assert Result(cell, paper=found).paper_value is not None
+    sources = {(s["paper"], s["table"]) for spec in registry["tables"].values() for s in spec["sources"]}
+    orphans = [key for key in papers if key[:2] in sources and key not in used]
+    assert not orphans
+    assert len(used) > 300
+
+
+def test_signed_rank_test_matches_the_exact_distribution_enumerated_by_hand():
+    differences = [1.5, -0.5, 2.0, 3.0, -4.0, 2.5]
+    statistic, p_value = signed_rank_test(differences)
+    ranks = {d: r for r, d in enumerate(sorted(differences, key=abs), 1)}  # no ties here
+    w_plus = sum(ranks[d] for d in differences if d > 0)
+    w_minus = sum(ranks[d] for d in differences if d < 0)
+    assert statistic == min(w_plus, w_minus)
+    n = len(differences)
+    sums = [sum(r for r, sign in zip(range(1, n + 1), signs) if sign) for signs in itertools.product([0, 1], repeat=n)]
+    exact = 2 * sum(s <= statistic for s in sums) / len(sums)
+    assert p_value == pytest.approx(exact)
+    assert signed_rank_test([0.0, 0.0]) == (None, None)
+
+
+def test_bootstrap_interval_is_the_mean_for_constant_differences_and_about_the_normal_interval_otherwise():
+    assert bootstrap_interval([0.5, 0.5, 0.5]) == (0.5, 0.5)
+    assert bootstrap_interval([1.0]) is None
+    sample = list(np.random.default_rng(1).normal(2.0, 1.0, size=400))
+    low, high = bootstrap_interval(sample)
+    half = 1.96 * np.std(sample, ddof=1) / math.sqrt(len(sample))
+    assert low == pytest.approx(np.mean(sample) - half, abs=0.03)
+    assert high == pytest.approx(np.mean(sample) + half, abs=0.03)
+
+
+def test_pending_runs_merge_into_exact_cartesian_sweeps():
+    grid = [{"experiment": e, "method": m, "seed": s} for e in ("a", "b") for m in ("lora", "dora") for s in (0, 1)]
+    assert batches(grid) == [{"experiment": ["a", "b"], "method": ["lora", "dora"], "seed": [0, 1]}]
+    pending = grid[:5] + [{"experiment": "c", "method": "lora", "method.r": 4, "seed": 0}]
+    swept = [dict(zip(b, values)) for b in batches(pending) for values in itertools.product(*b.values())]
+    assert sorted(map(repr, swept)) == sorted(map(repr, pending))  # every run once, nothing extra
+
+
+def test_override_values_read_back_as_the_same_values():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for value in (None, True, 4, 2.5e-4, 1.0, "glue/mrpc", "README.md", "a b, c", "it's", [1, 2]):
+        parsed = parser.parse_override(f"key={hydra_value(value)}").value()
+        assert parsed == value, (value, hydra_value(value))
+
+
+def test_dry_run_prints_the_sweeps_and_runs_nothing(setup, monkeypatch, capsys):
+    args, out = setup
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda *a, **k: pytest.fail("--dry-run ran something"))
+    assert reproduce.main([*args, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 run(s), 4 to do in 1 sweep(s)" in printed
+    assert "lrbench -m experiment=lora/roberta_base_mrpc method=lora,dora" in printed and "seed=0,1" in printed
+    assert not out.exists()
