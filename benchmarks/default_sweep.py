@@ -166,11 +166,32 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f} (n={len(values)})"
 
 
-def steps_to_target(row: dict) -> int | None:
-    """The first evaluation step (metrics.jsonl) at which the dev accuracy reached TARGET."""
+def curve(row: dict) -> list[tuple[int, float]]:
+    """The run's (step, dev accuracy) evaluations, from its metrics.jsonl."""
     path = Path(row["run_dir"]) / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    return next((r["step"] for r in records if (r.get("accuracy") or 0.0) >= TARGET), None)
+    return [(r["step"], r["accuracy"]) for r in records if r.get("accuracy") is not None]
+
+
+def keep_curves(every: list[dict]) -> list[dict]:
+    """curves.csv: the dev-accuracy curves of the CURVES runs, kept beside the rows because run folders are not."""
+    path = OUT / "curves.csv"
+    kept = {(r["run_dir"], int(r["step"])): r for r in rows(path)}
+    for r in every:
+        if r["method"] in CURVES and r["task"] == "glue/sst2":
+            for step, accuracy in curve(r):
+                kept[(r["run_dir"], step)] = {"run_dir": r["run_dir"], "step": step, "accuracy": accuracy}
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["run_dir", "step", "accuracy"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(sorted(kept.values(), key=lambda r: (r["run_dir"], int(r["step"]))))
+    return list(kept.values())
+
+
+def steps_to_target(row: dict, curves: list[dict]) -> int | None:
+    """The first evaluation step at which the run's dev accuracy reached TARGET."""
+    steps = sorted(int(c["step"]) for c in curves if c["run_dir"] == row["run_dir"] and float(c["accuracy"]) >= TARGET)
+    return steps[0] if steps else None
 
 
 def sweep_lines(sweep: list[dict]) -> list[str]:
@@ -213,7 +234,7 @@ def full_mrpc_lines(full: list[dict]) -> list[str]:
     return lines + ([] if full else ["| (not run yet) | | | | | |"])
 
 
-def time_lines(every: list[dict]) -> list[str]:
+def time_lines(every: list[dict], curves: list[dict]) -> list[str]:
     lines = [f"## Time to {TARGET:.0%} SST-2 dev accuracy (evaluation every 30 steps)", "",
              ("Steps to the first evaluation at or above the target, and that many steps at the run's measured mean "
               "time per step. Runs shared the 2 cores with other jobs, so seconds compare only roughly."), "",
@@ -222,7 +243,7 @@ def time_lines(every: list[dict]) -> list[str]:
         lr = default_lr(method)
         for r in sorted((r for r in every if r["method"] == method and r["task"] == "glue/sst2"
                          and float(r["lr"]) == lr), key=lambda r: int(r["seed"])):
-            steps = steps_to_target(r)
+            steps = steps_to_target(r, curves)
             seconds = "never" if steps is None else f"{steps * float(r['time_per_step_ms']) / 1000:.0f}"
             lines.append(f"| {method} | {lr:g} | {r['seed']} | {steps or 'never'} | {seconds} | {r['train_steps']} |")
     return lines
@@ -232,8 +253,10 @@ def render() -> str:
     sweep, table, full = rows(OUT / "sweep.csv"), rows(OUT / "table.csv"), rows(OUT / "mrpc_full.csv")
     lines = ["# Every method's defaults, re-derived on the shared data", "",
              ("Produced by `benchmarks/default_sweep.py` (its docstring has the protocol); the rows are in "
-              "sweep.csv, table.csv and mrpc_full.csv."), ""]
-    for part in (sweep_lines(sweep), table_lines(sweep + table), full_mrpc_lines(full), time_lines(sweep + table)):
+              "sweep.csv, table.csv and mrpc_full.csv; the dev curves behind the time to target in curves.csv."), ""]
+    curves = keep_curves(sweep + table)
+    for part in (sweep_lines(sweep), table_lines(sweep + table), full_mrpc_lines(full),
+                 time_lines(sweep + table, curves)):
         lines += [*part, ""]
     return "\n".join(lines)
 
