@@ -8,7 +8,11 @@ Two phases, both resumable (a run whose row is already in the phase's CSV is ski
 
 The default is the grid's best on SST-2 unless that lr fails on the whole MRPC training set, where each candidate
 that won SST-2 was also run (seed 0, rows in mrpc_full.csv): LoRA's 5e-3 and BiDoRA's 5e-3 won SST-2 by 1-2 points
-but lost MRPC (5e-3 LoRA to the majority class), so both kept 2e-3 (see each method's YAML).
+but lost MRPC (5e-3 LoRA to the majority class), so both kept 2e-3; BiLoRA's 5e-3 (at alpha 128) won both (see
+each method's YAML).
+
+  probe   BiLoRA's gap to LoRA on the whole MRPC, one change to its defaults at a time, and a LoRA control on 80 %
+          of the pairs (`PROBES`, seed 0): results/reference/defaults/probes.csv
 
 then `python benchmarks/default_sweep.py render` writes results/reference/defaults/README.md: the sweep's grid and
 the table of mean +- std beside the majority class, and LoRA's and BiLoRA's time to a target accuracy.
@@ -19,6 +23,7 @@ subset) and the full dev set (408). Subsets keep the whole sweep within a few CP
 
     LRBENCH_DATA_DIR=../shared/data python benchmarks/default_sweep.py sweep [--jobs 2] [--methods lotr,curlora]
     LRBENCH_DATA_DIR=../shared/data python benchmarks/default_sweep.py table [--jobs 2]
+    LRBENCH_DATA_DIR=../shared/data python benchmarks/default_sweep.py probe [--jobs 2]
     python benchmarks/default_sweep.py render
 (`make sweep-defaults` runs all three.)
 """
@@ -34,6 +39,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from threading import Lock
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "reference" / "defaults"
@@ -47,7 +53,7 @@ GRID = {  # learning rates tried per method (seed 0, SST-2 subset), the likelier
     "cola": (1e-3,),
     "lotr": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
     "curlora": (2.5e-4, 2e-3, 1e-2, 3e-2, 1e-1),
-    "bilora": (1e-2, 3e-2, 1e-1),  # its softmax lambda sums to 1: s P diag(lambda) Q is ~r x smaller than LoRA's s B A
+    "bilora": (1e-3, 2e-3, 5e-3),  # at alpha 128 (its YAML); alpha 16's 1e-2, 3e-2, 1e-1 are in bilora_alpha16.csv
     "bidora": (1e-3, 2e-3, 5e-3, 1e-2),
 }
 TASKS = {
@@ -59,8 +65,24 @@ BILEVEL = {"bilora", "bidora"}
 # also on the whole MRPC training set at the defaults (seed 0), as a user first types it: the 1,000-pair subset's
 # 96 steps are too few for most methods to leave the majority class, these 345 (bi-level: 276) are not
 FULL_MRPC = ("lotr", "curlora", "lora", "dora", "bilora", "bidora")
+# BiLoRA's gap to LoRA on the whole MRPC at alpha 16 (4.2 points at its best lr, 3e-2), probed one change at a time
+# (seed 0, rows in probes.csv), with a control: LoRA on as many training pairs as BiLoRA's lower level sees (80 %).
+# The overrides pin the old defaults, so that a probe means the same whatever the YAML says now.
+OLD_BILORA = ["method.alpha=16", "optimizer.lr=3e-2"]
+PROBES = {
+    "upper_lr_3e-3": ("bilora", [*OLD_BILORA, "method.bilevel.upper_optimizer.lr=3e-3"],
+                      "alpha 16, lr 3e-2, the upper level at 3e-3"),
+    "init_adalora": ("bilora", [*OLD_BILORA, "method.init=adalora"],
+                     "alpha 16, lr 3e-2, AdaLoRA's init (P, Q ~ N(0, 0.02^2))"),
+    "alpha_128": ("bilora", ["method.alpha=128", "optimizer.lr=2e-3"],
+                  "alpha 128, lr 2e-3: s/r = 2 = LoRA's alpha/r at the softmax's uniform start (the new default)"),
+    "lambda_real": ("bilora", ["method.alpha=16", "method.lambda_param=real", "optimizer.lr=2e-3"],
+                    "alpha 16, real lambda starting at 1 (LoRA's scale), lr 2e-3"),
+    "lora_80pct": ("lora", ["task.max_train_samples=2934"], "LoRA on 2,934 pairs, the size of BiLoRA's lower set"),
+}
 CURVES = {"lora", "bilora"}  # evaluated every 30 steps on SST-2: time to a target accuracy
 TARGET = 0.80
+PROBE_LOCK = Lock()
 
 
 def overrides(method: str, task: str, seed: int, lr: float | None) -> list[str]:
@@ -98,8 +120,14 @@ def running() -> set[tuple[str, ...]]:
     return found
 
 
-def run(args: list[str], csv_path: Path) -> None:
-    """One run on one thread; its output goes to a log file (not a pipe: a run outlives a killed sweep script)."""
+def run(args: list[str], csv_path: Path, probe: str | None = None) -> None:
+    """One run on one thread; its output goes to a log file (not a pipe: a run outlives a killed sweep script).
+    A probe's row goes to a file of its own first, then into probes.csv with the probe's name."""
+    if probe:
+        own = RUNS / f"probe_{probe}.csv"
+        run(args, own)
+        add_probe_rows(own, probe, csv_path)
+        return
     env = {**os.environ, "LRBENCH_RESULTS_CSV": str(csv_path), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     RUNS.mkdir(parents=True, exist_ok=True)
     log = RUNS / f"{'_'.join(a.split('=')[-1].replace('/', '-') for a in args[:4])}_{time.time_ns()}.log"
@@ -109,6 +137,20 @@ def run(args: list[str], csv_path: Path) -> None:
                               stdout=handle, stderr=subprocess.STDOUT, check=False).returncode
     tail = log.read_text().strip().splitlines()[-1:] if code else []
     print(f"[{time.time() - started:6.0f} s] rc={code} {' '.join(args[:5])} {' '.join(tail)}", flush=True)
+
+
+def add_probe_rows(own: Path, probe: str, probes_csv: Path) -> None:
+    found = [{"probe": probe, **r} for r in rows(own)]
+    if not found:
+        return
+    with PROBE_LOCK:
+        every = rows(probes_csv) + found
+        columns = list(dict.fromkeys(key for r in every for key in r))
+        with open(probes_csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, columns, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(every)
+    own.unlink()
 
 
 def default_lr(method: str) -> float:
@@ -137,11 +179,20 @@ def table_jobs(methods: list[str], found: list[dict], full_csv: Path, table_csv:
     return jobs
 
 
-def jobs_for(phase: str, methods: list[str]) -> list[tuple[list[str], Path]]:
+def probe_jobs(probes_csv: Path) -> list:
+    tried = {r["probe"] for r in rows(probes_csv)}
+    return [([f"method={method}", "model=minilm-l6", "task=glue/mrpc", *extra, "trainer.progress=false",
+              f"output_dir={RUNS}"], probes_csv, name)
+            for name, (method, extra, _) in PROBES.items() if name not in tried]
+
+
+def jobs_for(phase: str, methods: list[str]) -> list[tuple]:
     OUT.mkdir(parents=True, exist_ok=True)
     sweep_csv, table_csv, full_csv = OUT / "sweep.csv", OUT / "table.csv", OUT / "mrpc_full.csv"
     found = rows(sweep_csv) + rows(table_csv)
     jobs = []
+    if phase == "probe":
+        jobs += probe_jobs(OUT / "probes.csv")
     if phase in ("sweep", "all"):  # round robin: every method's first learning rate to do, then every method's second, ...
         todo = {m: [lr for lr in GRID[m] if not done(found, m, "sst2", 0, lr)] for m in methods}
         for index in range(max(map(len, todo.values()))):
@@ -234,7 +285,9 @@ def table_lines(every: list[dict]) -> list[str]:
 
 def full_mrpc_lines(full: list[dict]) -> list[str]:
     lines = ["## The whole MRPC training set at the defaults (`lrbench method=<m> model=minilm-l6 task=glue/mrpc`)", "",
-             "Rows at an lr other than the method's default are the candidates that won SST-2, checked here.", "",
+             ("Rows at an lr other than the method's default are the candidates that won SST-2, checked here, and "
+              "BiLoRA's 2e-3, the alpha_128 probe below. Runs given `optimizer.lr` on the command line keep the YAML "
+              "of their day as `method.lr`, so their config_hash differs from a run at the same YAML default."), "",
              "| method | lr | seed | dev accuracy | dev F1 | degenerate |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {float(r['lr']):g} | {r['seed']} | {float(r['last_accuracy']):.4f} | "
               f"{float(r['last_f1']):.4f} | {r.get('degenerate', '')} |" for r in full]
@@ -242,6 +295,46 @@ def full_mrpc_lines(full: list[dict]) -> list[str]:
         return lines + ["| (not run yet) | | | | | |"]
     mrpc = majority("mrpc")
     return lines + [f"| majority class | | | {mrpc:.4f} | {2 * mrpc / (1 + mrpc):.4f} | |"]
+
+
+def probe_lines(full: list[dict], probes: list[dict], old: list[dict]) -> list[str]:
+    lines = ["## BiLoRA's gap to LoRA on the whole MRPC, one change at a time (seed 0)", "",
+             ("At alpha 16, BiLoRA's best lr (3e-2) left it 4.2 points below LoRA. Each probe changes those settings "
+              "in one way (`PROBES` in default_sweep.py, rows in probes.csv); `lora_80pct` is a control, LoRA on as "
+              "many pairs as BiLoRA's lower level trains on."), "",
+             "| run | settings | dev accuracy | dev F1 | final train loss (bi-level: lower / upper) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| bilora, old default | alpha 16, lr 3e-2 | {float(r['last_accuracy']):.4f} | {float(r['last_f1']):.4f} "
+              f"| {loss_cell(r)} |" for r in old if r["file"] == "mrpc_full.csv" and float(r["lr"]) == 3e-2]
+    lora = default_lr("lora")
+    lines += [f"| lora at its default | lr {lora:g} | {float(r['last_accuracy']):.4f} | {float(r['last_f1']):.4f} "
+              f"| {loss_cell(r)} |" for r in full if r["method"] == "lora" and float(r["lr"]) == lora]
+    for r in probes:
+        settings = PROBES[r["probe"]][2] if r["probe"] in PROBES else r["probe"]
+        lines.append(f"| {r['probe']} | {settings} | {float(r['last_accuracy']):.4f} | {float(r['last_f1']):.4f} "
+                     f"| {loss_cell(r)} |")
+    return lines if probes else []
+
+
+def alpha16_lines(old: list[dict]) -> list[str]:
+    """BiLoRA's rows at alpha 16, its default before the probes: the lr that scale needed, and what it reached."""
+    lines = ["## BiLoRA at alpha 16, its default before the probes (bilora_alpha16.csv)", "",
+             "| task | lr | seeds | dev accuracy, % | dev F1, % |", "|---|---|---|---|---|"]
+    groups = {}
+    for r in old:
+        subset = "whole" if r["file"] == "mrpc_full.csv" else "subset"
+        groups.setdefault((r["task"], subset, float(r["lr"])), []).append(r)
+    for (task, subset, lr), picked in sorted(groups.items()):
+        f1 = mean_std([float(r["last_f1"]) for r in picked]) if task == "glue/mrpc" else ""
+        lines.append(f"| {task} ({subset}) | {lr:g} | {', '.join(sorted(r['seed'] for r in picked))} | "
+                     f"{mean_std([float(r['last_accuracy']) for r in picked])} | {f1} |")
+    return lines if old else []
+
+
+def loss_cell(row: dict) -> str:
+    if row.get("final_train_lower_loss"):
+        return f"{float(row['final_train_lower_loss']):.3f} / {float(row['final_train_upper_loss']):.3f}"
+    return f"{float(row['final_train_loss']):.3f}"
 
 
 def time_lines(every: list[dict], curves: list[dict]) -> list[str]:
@@ -261,11 +354,13 @@ def time_lines(every: list[dict], curves: list[dict]) -> list[str]:
 
 def render() -> str:
     sweep, table, full = rows(OUT / "sweep.csv"), rows(OUT / "table.csv"), rows(OUT / "mrpc_full.csv")
+    old = rows(OUT / "bilora_alpha16.csv")
     lines = ["# Every method's defaults, re-derived on the shared data", "",
              ("Produced by `benchmarks/default_sweep.py` (its docstring has the protocol); the rows are in "
-              "sweep.csv, table.csv and mrpc_full.csv; the dev curves behind the time to target in curves.csv."), ""]
+              "sweep.csv, table.csv, mrpc_full.csv, probes.csv and bilora_alpha16.csv; the dev curves behind the time to target in curves.csv."), ""]
     curves = keep_curves(sweep + table)
     for part in (sweep_lines(sweep), table_lines(sweep + table), full_mrpc_lines(full),
+                 probe_lines(full, rows(OUT / "probes.csv"), old), alpha16_lines(old),
                  time_lines(sweep + table, curves)):
         lines += [*part, ""]
     return "\n".join(lines)
@@ -273,7 +368,7 @@ def render() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=("sweep", "table", "all", "render"))
+    parser.add_argument("phase", choices=("sweep", "table", "probe", "all", "render"))
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each on one thread)")
     parser.add_argument("--methods", default=",".join(METHODS))
     args = parser.parse_args()
