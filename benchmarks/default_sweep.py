@@ -39,7 +39,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from threading import Lock
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "reference" / "defaults"
@@ -82,7 +81,12 @@ PROBES = {
 }
 CURVES = {"lora", "bilora"}  # evaluated every 30 steps on SST-2: time to a target accuracy
 TARGET = 0.80
-PROBE_LOCK = Lock()
+
+
+def whole_mrpc(method: str, *extra: str) -> list[str]:
+    """The overrides of a run on the whole MRPC training set, seed 0, as a user first types it."""
+    return [f"method={method}", "model=minilm-l6", "task=glue/mrpc", *extra, "trainer.progress=false",
+            f"output_dir={RUNS}"]
 
 
 def overrides(method: str, task: str, seed: int, lr: float | None) -> list[str]:
@@ -140,17 +144,11 @@ def run(args: list[str], csv_path: Path, probe: str | None = None) -> None:
 
 
 def add_probe_rows(own: Path, probe: str, probes_csv: Path) -> None:
-    found = [{"probe": probe, **r} for r in rows(own)]
-    if not found:
-        return
-    with PROBE_LOCK:
-        every = rows(probes_csv) + found
-        columns = list(dict.fromkeys(key for r in every for key in r))
-        with open(probes_csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, columns, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(every)
-    own.unlink()
+    from lowrank_bench.results import append_row
+
+    for row in rows(own):
+        append_row(probes_csv, {"probe": probe, **row})
+    own.unlink(missing_ok=True)
 
 
 def default_lr(method: str) -> float:
@@ -172,8 +170,8 @@ def table_jobs(methods: list[str], found: list[dict], full_csv: Path, table_csv:
     cheap, bilevel = [m for m in methods if m not in BILEVEL], [m for m in methods if m in BILEVEL]
     jobs = [j for m in bilevel for seed in SEEDS for j in job(m, "sst2", seed)]
     jobs += [j for m in cheap for seed in SEEDS for j in job(m, "sst2", seed)]
-    jobs += [([f"method={m}", "model=minilm-l6", "task=glue/mrpc", "trainer.progress=false", f"output_dir={RUNS}"],
-              full_csv) for m in FULL_MRPC if m in methods and not done(rows(full_csv), m, "mrpc", 0, default_lr(m))]
+    jobs += [(whole_mrpc(m), full_csv) for m in FULL_MRPC
+             if m in methods and not done(rows(full_csv), m, "mrpc", 0, default_lr(m))]
     for seed in SEEDS:
         jobs += [j for m in bilevel + cheap for j in job(m, "mrpc", seed)]
     return jobs
@@ -181,8 +179,7 @@ def table_jobs(methods: list[str], found: list[dict], full_csv: Path, table_csv:
 
 def probe_jobs(probes_csv: Path) -> list:
     tried = {r["probe"] for r in rows(probes_csv)}
-    return [([f"method={method}", "model=minilm-l6", "task=glue/mrpc", *extra, "trainer.progress=false",
-              f"output_dir={RUNS}"], probes_csv, name)
+    return [(whole_mrpc(method, *extra), probes_csv, name)
             for name, (method, extra, _) in PROBES.items() if name not in tried]
 
 
@@ -304,15 +301,14 @@ def probe_lines(full: list[dict], probes: list[dict], old: list[dict]) -> list[s
               "many pairs as BiLoRA's lower level trains on."), "",
              "| run | settings | dev accuracy | dev F1 | final train loss (bi-level: lower / upper) |",
              "|---|---|---|---|---|"]
-    lines += [f"| bilora, old default | alpha 16, lr 3e-2 | {float(r['last_accuracy']):.4f} | {float(r['last_f1']):.4f} "
-              f"| {loss_cell(r)} |" for r in old if r["file"] == "mrpc_full.csv" and float(r["lr"]) == 3e-2]
     lora = default_lr("lora")
-    lines += [f"| lora at its default | lr {lora:g} | {float(r['last_accuracy']):.4f} | {float(r['last_f1']):.4f} "
-              f"| {loss_cell(r)} |" for r in full if r["method"] == "lora" and float(r["lr"]) == lora]
-    for r in probes:
-        settings = PROBES[r["probe"]][2] if r["probe"] in PROBES else r["probe"]
-        lines.append(f"| {r['probe']} | {settings} | {float(r['last_accuracy']):.4f} | {float(r['last_f1']):.4f} "
-                     f"| {loss_cell(r)} |")
+    named = [("bilora, old default", "alpha 16, lr 3e-2", r) for r in old
+             if r["file"] == "mrpc_full.csv" and float(r["lr"]) == 3e-2]
+    named += [("lora at its default", f"lr {lora:g}", r) for r in full
+              if r["method"] == "lora" and float(r["lr"]) == lora]
+    named += [(r["probe"], PROBES[r["probe"]][2] if r["probe"] in PROBES else "", r) for r in probes]
+    lines += [f"| {name} | {settings} | {float(r['last_accuracy']):.4f} | {float(r['last_f1']):.4f} | {loss_cell(r)} |"
+              for name, settings, r in named]
     return lines if probes else []
 
 
@@ -357,7 +353,8 @@ def render() -> str:
     old = rows(OUT / "bilora_alpha16.csv")
     lines = ["# Every method's defaults, re-derived on the shared data", "",
              ("Produced by `benchmarks/default_sweep.py` (its docstring has the protocol); the rows are in "
-              "sweep.csv, table.csv, mrpc_full.csv, probes.csv and bilora_alpha16.csv; the dev curves behind the time to target in curves.csv."), ""]
+              "sweep.csv, table.csv, mrpc_full.csv, probes.csv and bilora_alpha16.csv; the dev curves behind the time "
+              "to target in curves.csv."), ""]
     curves = keep_curves(sweep + table)
     for part in (sweep_lines(sweep), table_lines(sweep + table), full_mrpc_lines(full),
                  probe_lines(full, rows(OUT / "probes.csv"), old), alpha16_lines(old),
