@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 
 from lowrank_bench.stages import stages_for
 from lowrank_bench.train import prepare
-from lowrank_bench.trainer import Trainer, step_rule
+from lowrank_bench.trainer import Trainer
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 MODES = ("first_order", "darts", "one_step_exact", "unrolled", "darts_unrolled", "neumann", "cg")
@@ -39,7 +39,7 @@ def first_stage(overrides: list[str]):
         stage = stages_for(s.task, s.method, s.groups, cfg.method, cfg.optimizer, cfg.trainer.epochs,
                            cfg.trainer.max_steps, cfg.seed)[0]
         s.model.train()
-        yield s, step_rule(trainer, stage)
+        yield s, stage.rule(trainer, stage)
 
 
 def step_times(overrides: list[str], steps: int, warmup: int) -> float:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from lowrank_bench.bilevel import hypergradient, use_eager_attention
+from lowrank_bench.bilevel import use_eager_attention
+from lowrank_bench.hypergradient import hypergradient
 from lowrank_bench.train import prepare
 from benchmarks.bilevel_step_time import CONF
 

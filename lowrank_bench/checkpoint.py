@@ -366,3 +366,7 @@ def find_on_main(cfg: DictConfig, run_dir: Path, dp) -> Checkpoint | None:
     if error:
         raise LrbenchError(error)
     return found if dp.is_main else (load(Path(path)) if path else None)
+
+
+def within(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -9,7 +9,7 @@ than wrap the model in DDP because a run changes which parameters train from sta
 continual sequences) and the bi-level step takes gradients with `autograd.grad`, which DDP's hooks never see; the
 cost is no overlap of communication with the backward pass, small for adapters (the gradients are the adapter's).
 The bi-level step reduces v before its finite difference and the difference after it
-(`bilevel.data_parallel_hypergradient`).
+(`hypergradient.hypergradient` with its `sum_`).
 
 Rank 0 alone writes files, rows and checkpoints and shows progress. Evaluation runs on every rank (the same
 numbers; no rank waits on another).

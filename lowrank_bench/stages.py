@@ -16,14 +16,16 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lowrank_bench.bilevel import BiLevel
 from lowrank_bench.errors import LrbenchError
+from lowrank_bench.single_level import SingleLevel
 from lowrank_bench.tasks.base import Task
 
 Params = list[torch.nn.Parameter]
 
 
 @dataclass
-class Bilevel:
+class BiLevelSettings:
     """The bi-level step rule's settings: which parameters each level trains and how the levels alternate."""
 
     lower: Params
@@ -46,7 +48,8 @@ class Stage:
     optimizer: DictConfig
     epochs: float
     max_steps: int | None = None  # wins over epochs; with a bi-level rule it counts rounds (T1 + T2 steps)
-    bilevel: Bilevel | None = None
+    rule: type = SingleLevel  # the step rule the trainer builds, rule(trainer, stage): SingleLevel or BiLevel
+    bilevel: BiLevelSettings | None = None  # BiLevel's settings
     snapshot: Params = field(default_factory=list)  # parameters whose values at this stage's start are kept ...
     restore_from: str | None = None  # ... and copied back in when a later stage names this one here
     head: str | None = None  # the task head to put in place (continual runs keep one per task)
@@ -86,9 +89,10 @@ def stages_for(task: Task, method, groups: dict[str, Params], method_cfg: DictCo
         return [Stage(name, task, groups, optimizer, epochs, max_steps, head=head)]
     bc = method_cfg.bilevel
     lower, upper = params_of(method, groups, "lower"), params_of(method, groups, "upper")
-    rule = Bilevel(lower, upper, bc.lower_fraction, bc.get("upper_set"), int(bc.lower_steps), int(bc.upper_steps),
+    rule = BiLevelSettings(lower, upper, bc.lower_fraction, bc.get("upper_set"), int(bc.lower_steps), int(bc.upper_steps),
                    bc.hypergradient, bc.darts_alpha, overridden(optimizer, **bc.upper_optimizer), seed)
-    search = Stage("search" if name == "train" else name, task, groups, optimizer, epochs, max_steps, rule, head=head)
+    search = Stage("search" if name == "train" else name, task, groups, optimizer, epochs, max_steps, BiLevel, rule,
+                   head=head)
     rc = method_cfg.get("retrain")
     if not (rc and rc.enabled):
         return [search]

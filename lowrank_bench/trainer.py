@@ -2,8 +2,8 @@
 evaluation, bf16/fp16 autocast on CUDA, rich progress per stage, checkpoints and bit-for-bit resume
 (checkpoint.py), data parallel over processes (distributed.py).
 
-Each stage puts its parameters in training (everything else frozen), builds its step rule (`SingleLevel` here,
-`BiLevel` in bilevel.py) and runs the same loop: step, log, evaluate every `eval_every` steps and at the stage's
+Each stage puts its parameters in training (everything else frozen), builds the step rule it names
+(`single_level.SingleLevel` or `bilevel.BiLevel`) and runs the same loop: step, log, evaluate every `eval_every` steps and at the stage's
 end, checkpoint every `checkpoint_every` loop steps; then the stage-end hooks (a continual run re-evaluates every
 task seen so far there) and a checkpoint of the stage's end. A signal (SIGTERM, SIGUSR1, SIGUSR2) makes the loop
 checkpoint at the next step boundary and stop.
@@ -27,7 +27,6 @@ from lowrank_bench.batches import BatchStream
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.memory import MemoryMonitor
-from lowrank_bench.optim import make_optimizer
 from lowrank_bench.results import defined_or_none
 from lowrank_bench.stages import Stage, unique
 from lowrank_bench.tasks.base import Task
@@ -77,54 +76,6 @@ class History:
     train_seconds: float = 0.0  # optimisation only, evaluation excluded
     samples: int = 0
     steps_per_stage: dict[str, int] = field(default_factory=dict)
-
-
-# -- the single-level step rule ---------------------------------------------------------------------------------
-class SingleLevel:
-    """One optimiser step of every trainable parameter of the stage over `grad_accum` micro-batches."""
-
-    def __init__(self, loop: "Trainer", stage: Stage):
-        self.loop, self.task, self.params = loop, stage.task, stage.params
-        train = stage.task.train_examples()
-        self.total_steps = loop.steps_for(len(train), stage.task, stage.epochs, stage.max_steps)
-        self.batches = loop.stream(train, stage.task)
-        self.optimizer, self.scheduler = make_optimizer(self.params, stage.optimizer, self.total_steps)
-
-    def step(self) -> dict[str, torch.Tensor]:
-        loss, samples, _ = self.loop.accumulate(self.batches, self.task, params=self.params)
-        self.loop.optimizer_step(self.optimizer, self.params)
-        self.scheduler.step()
-        self.loop.history.samples += samples
-        return {"loss": loss}
-
-    def lrs(self) -> dict[str, float]:
-        return {"lr": self.optimizer.param_groups[0]["lr"]}
-
-    def summary(self) -> dict:
-        return {}
-
-    def state(self) -> tuple[dict, dict[str, torch.Tensor], dict]:
-        """JSON scalars, tensors and optimiser states: what a checkpoint keeps of this rule."""
-        scalars, tensors = self.batches.state()
-        return ({"train": scalars, "scheduler": self.scheduler.state_dict()},
-                {f"train/{k}": v for k, v in tensors.items()}, {"optimizer": self.optimizer.state_dict()})
-
-    def load_state(self, scalars: dict, tensors: dict[str, torch.Tensor], optimizers: dict) -> None:
-        self.batches.load_state(scalars["train"], within(tensors, "train/"))
-        self.scheduler.load_state_dict(scalars["scheduler"])
-        self.optimizer.load_state_dict(optimizers["optimizer"])
-
-
-def within(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def step_rule(loop: "Trainer", stage: Stage):
-    if stage.bilevel is None:
-        return SingleLevel(loop, stage)
-    from lowrank_bench.bilevel import BiLevel
-
-    return BiLevel(loop, stage)
 
 
 # -- the loop ---------------------------------------------------------------------------------------------------
@@ -266,7 +217,7 @@ class Trainer:
                     p.copy_(value)
 
     def run_stage(self, stage: Stage, progress: Progress, index: int = 0) -> dict:
-        rule = step_rule(self, stage)
+        rule = stage.rule(self, stage)
         self.method.on_train_start(rule.total_steps)
         total = rule.total_steps
         eval_every = self.tc.eval_every or total
@@ -424,9 +375,9 @@ class Trainer:
         meta = resume.meta
         step = meta["position"]["step"]
         if step:
-            rule.load_state(meta["rule"], within(tensors, "rule/"), resume.optimizers())
+            rule.load_state(meta["rule"], checkpoint.within(tensors, "rule/"), resume.optimizers())
         rank = self.dp.rank if meta["world"] == self.dp.world else 0
-        checkpoint.set_rng_state(meta["rng"][rank], within(tensors, f"rng/{rank}/"))
+        checkpoint.set_rng_state(meta["rng"][rank], checkpoint.within(tensors, f"rng/{rank}/"))
         return step + 1, (meta["loop"] if step else {})
 
     # -- evaluation ---------------------------------------------------------------------------------------------

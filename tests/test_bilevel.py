@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowrank_bench.bilevel import MODES, BiLevel, hypergradient, split_indices, use_eager_attention
+from lowrank_bench.bilevel import BiLevel, split_indices, use_eager_attention
+from lowrank_bench.hypergradient import MODES, hypergradient
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.stages import stages_for
 from lowrank_bench.trainer import Trainer

@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank_bench.bilevel import MODES, data_parallel_hypergradient, hypergradient
+from lowrank_bench.hypergradient import MODES, hypergradient
 from lowrank_bench.results import read_rows
 from tests.conftest import ROOT
 from tests.test_bilevel import quadratic_problem
 
 
 @pytest.mark.parametrize("mode", [*MODES, "exact"])
-def test_data_parallel_hypergradient_on_one_rank_is_the_hypergradient(mode):
+def test_the_hypergradient_summed_over_one_rank_is_the_hypergradient(mode):
     lower, upper, V, m, _, _ = quadratic_problem()
     expected, loss = hypergradient(upper, lower, [m], [V], mode, alpha=0.01, xi=0.1)
     calls = []
-    got, got_loss = data_parallel_hypergradient(upper, lower, [m], [V], mode, 0.01, calls.append, xi=0.1)
+    got, got_loss = hypergradient(upper, lower, [m], [V], mode, 0.01, 0.1, calls.append)
     assert all(torch.equal(a, b) for a, b in zip(got, expected)) and torch.equal(got_loss, loss)
     # v with the direct term, then the difference; the lower gradient before a virtual step; each of the default
     # 3 Hessian-vector products of neumann and cg
@@ -65,8 +65,8 @@ def test_two_weighted_halves_summed_give_the_hypergradient_of_the_whole():
                 t.copy_(s)
 
         try:
-            results[r] = data_parallel_hypergradient(lambda: upper() * share, lambda: lower() * share, [m_r], [V_r],
-                                                     "darts", 0.01, sum_)
+            results[r] = hypergradient(lambda: upper() * share, lambda: lower() * share, [m_r], [V_r], "darts", 0.01,
+                                       sum_=sum_)
         except Exception as err:  # noqa: BLE001 - reported below; a failing rank must not leave the other waiting
             errors.append(err)
             barrier.abort()

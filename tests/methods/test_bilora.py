@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_bench.bilevel import hypergradient
+from lowrank_bench.hypergradient import hypergradient
 from lowrank_bench.methods.base import adapted_layers
 from lowrank_bench.models import count_parameters
 from tests.conftest import ROBERTA_BASE, base_model, batch_for, meta_model
