@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lowrank_bench.errors import LrbenchError
+from lowrank_bench.models import head_kind
 
 if TYPE_CHECKING:
     from lowrank_bench.train import Setup
@@ -48,10 +49,6 @@ FORMATS = ("peft", "merged")
 AS_PEFT_LORA = {"lora": False, "dora": True, "bidora": True}  # method -> use_dora
 #: peft initialisations that leave a residual in the base weights: the adapter alone does not reproduce the run
 RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
-PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS",
-                   "causal_lm": "CAUSAL_LM"}
-AUTO_CLASSES = {"sequence_classification": "AutoModelForSequenceClassification",
-                "token_classification": "AutoModelForTokenClassification", "causal_lm": "AutoModelForCausalLM"}
 PEFT_PREFIX = "base_model.model."  # what peft puts before a module's name in its saved state dicts
 
 
@@ -191,7 +188,7 @@ def peft_config_of_lora_run(setup, run_cfg: DictConfig, heads: list[str], conv1d
                       use_rslora=False if unit_scale else c.get("rslora", False),
                       use_dora=AS_PEFT_LORA[c.name], fan_in_fan_out=conv1d,
                       target_modules=target_modules(names, plain_module_names(setup.model)),
-                      modules_to_save=heads or None, task_type=PEFT_TASK_TYPES[setup.task.head.kind],
+                      modules_to_save=heads or None, task_type=head_kind(setup.task.head).peft_task_type,
                       base_model_name_or_path=base_model_reference(run_cfg.model), inference_mode=True)
 
 
@@ -229,7 +226,7 @@ def peft_adapter_of_peft_run(setup, run_cfg: DictConfig):
     state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     tensors = {PEFT_PREFIX + exported_name(k.removeprefix(PEFT_PREFIX), inner): v for k, v in state.items()}
     config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads)) or None
-    config.task_type = PEFT_TASK_TYPES[setup.task.head.kind]
+    config.task_type = head_kind(setup.task.head).peft_task_type
     config.base_model_name_or_path = base_model_reference(run_cfg.model)
     config.inference_mode = True
     return config, {**tensors, **head_tensors(inner, heads)}
@@ -329,7 +326,7 @@ def write_merged(setup, run_cfg: DictConfig, folder: Path) -> None:
     decoder_classifier = isinstance(model, DecoderClassifier)
     if decoder_classifier:
         model = as_sequence_classifier(model, setup.tokenizer.pad_token_id, setup.task.head.regression)
-    auto = AUTO_CLASSES[setup.task.head.kind]
+    auto = head_kind(setup.task.head).auto_class
     drop_foreign_modules(model, auto)
     model.save_pretrained(str(folder))
     exported_tokenizer(setup.tokenizer, decoder_classifier).save_pretrained(str(folder))
@@ -392,7 +389,7 @@ def model_card(run_cfg: DictConfig, summary: dict, fmt: str, head, pad_token_id:
         *(["- the run's last evaluation predicted a single class (`degenerate` in its summary)"]
           if summary.get("degenerate") else []),
         "", "## Metrics of the run", "", "| measure | value |", "|---|---|", *metric_lines(summary),
-        "", "## Loading", "", usage(fmt, AUTO_CLASSES[head.kind], base, base_kwargs(head, pad_token_id, decoder)), "",
+        "", "## Loading", "", usage(fmt, head_kind(head).auto_class, base, base_kwargs(head, pad_token_id, decoder)), "",
     ]
     if decoder and head.kind == "sequence_classification":
         lines += [("The classifier reads the last non-pad token: pad on the right and pass no token_type_ids "

@@ -56,6 +56,30 @@ class Head:
     regression: bool = False
 
 
+@dataclass(frozen=True)
+class HeadKind:
+    """Everything that depends on a head kind, in one row (a new kind is one row here)."""
+
+    modules: tuple[str, ...]  # the modules that make up the head, whichever of them the model has
+    auto_class: str  # the transformers class that builds it
+    peft_task_type: str  # peft's TaskType of an exported adapter
+    labelled: bool  # built with num_labels (and problem_type=regression for a single output)
+
+
+HEAD_KINDS = {  # kind: (modules, auto class, peft task type, labelled)
+    "sequence_classification": HeadKind(("classifier", "score"), "AutoModelForSequenceClassification", "SEQ_CLS",
+                                        True),
+    "token_classification": HeadKind(("classifier", "score"), "AutoModelForTokenClassification", "TOKEN_CLS", True),
+    "causal_lm": HeadKind((), "AutoModelForCausalLM", "CAUSAL_LM", False),
+}
+
+
+def head_kind(head: Head) -> HeadKind:
+    if head.kind not in HEAD_KINDS:
+        raise LrbenchError(f"unknown head kind {head.kind!r}; valid: {choices(HEAD_KINDS)}")
+    return HEAD_KINDS[head.kind]
+
+
 def hub_host() -> str:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     return endpoint.split("://", 1)[-1].split("/", 1)[0]
@@ -275,18 +299,11 @@ def load_tokenizer(cfg: DictConfig):
 def auto_class(head: Head):
     import transformers
 
-    name = {
-        "sequence_classification": "AutoModelForSequenceClassification",
-        "token_classification": "AutoModelForTokenClassification",
-        "causal_lm": "AutoModelForCausalLM",
-    }.get(head.kind)
-    if name is None:
-        raise LrbenchError(f"unknown head kind {head.kind!r}")
-    return getattr(transformers, name)
+    return getattr(transformers, head_kind(head).auto_class)
 
 
 def head_kwargs(head: Head) -> dict:
-    if head.kind == "causal_lm":
+    if not head_kind(head).labelled:
         return {}
     kwargs = {"num_labels": 1 if head.regression else head.num_labels}
     if head.regression:

@@ -21,7 +21,6 @@ from rich.table import Table
 from lowrank_bench import methods, models
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.models import Head
-from lowrank_bench.tasks.base import HEAD_MODULES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PAPER_PARAMS = Path(__file__).resolve().parent.parent / "results" / "paper_params.csv"
@@ -55,7 +54,7 @@ def count(model: str, method: str, overrides: list[str] = ()) -> dict[str, int]:
     cfg = compose(model, method, list(overrides))
     head = Head("causal_lm") if models.is_decoder(cfg.model) else Head("sequence_classification", 2)
     network = meta_model(cfg.model, head)
-    heads = [n for n in HEAD_MODULES[head.kind] if hasattr(network, n)]
+    heads = [n for n in models.head_kind(head).modules if hasattr(network, n)]
     groups = methods.build(cfg.method).apply(network, heads, models.target_sets(cfg.model))
     trainable, total = models.count_parameters(network)
     head_params = sum(p.numel() for p in groups.get("head", []))

@@ -33,7 +33,7 @@ from lowrank_bench.methods.base import Method, save_adapter
 from lowrank_bench.models import Head
 from lowrank_bench.stages import overridden, stages_for
 from lowrank_bench.stages import unique as stages_unique
-from lowrank_bench.tasks.base import HEAD_MODULES, Task
+from lowrank_bench.tasks.base import Task
 from lowrank_bench.tasks.continual import ContinualTask
 from lowrank_bench.trainer import Diverged, Trainer
 
@@ -109,7 +109,7 @@ def prepare(cfg: DictConfig) -> Setup:
 def head_modules(model: torch.nn.Module, head: Head) -> list[str]:
     """The task's head: the modules its head kind uses, plus any module the checkpoint did not provide (freshly
     initialised weights, such as DeBERTa's classification pooler, must train)."""
-    names = [n for n in HEAD_MODULES[head.kind] if hasattr(model, n)]
+    names = [n for n in models.head_kind(head).modules if hasattr(model, n)]
     fresh = sorted({name.split(".")[0] for name in getattr(model, "lrbench_new_parameters", ())})
     return names + [n for n in fresh if n not in names]
 

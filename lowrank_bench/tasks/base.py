@@ -22,11 +22,6 @@ from lowrank_bench.errors import LrbenchError
 from lowrank_bench.models import Head
 from lowrank_bench.models import cache_dir as models_cache_dir
 
-#: the modules that make up a task's head, by head kind (whichever of them the model has)
-HEAD_MODULES = {"sequence_classification": ("classifier", "score"),
-                "token_classification": ("classifier", "score"),
-                "causal_lm": ()}
-
 Example = dict  # raw: {"text": str, "text_pair": str | None, "label": int | float}
 
 
