@@ -36,7 +36,7 @@ def first_stage(overrides: list[str]):
     s = prepare(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg.trainer, s.model, s.method, Path(tmp), cfg.seed)
-        stage = stages_for(s.task, s.method, s.groups, cfg.method, cfg.optimizer, cfg.trainer.epochs,
+        stage = stages_for(s.curriculum.task, s.method, s.groups, cfg.method, cfg.optimizer, cfg.trainer.epochs,
                            cfg.trainer.max_steps, cfg.seed)[0]
         s.model.train()
         yield s, stage.rule(trainer, stage)

@@ -81,11 +81,11 @@ def bidora(xi: float):
     with torch.no_grad():
         for p in s.groups["adapter"]:
             p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-    it = iter(s.task.loader("train", 16))
+    it = iter(s.curriculum.task.loader("train", 16))
     lower_batch, upper_batch = next(it), next(it)
     upper, lower = s.groups["magnitude"], s.groups["adapter"] + s.groups["head"]
-    up = lambda: s.task.loss(model, upper_batch)
-    low = lambda: s.task.loss(model, lower_batch) + s.method.regularizer(model)
+    up = lambda: s.curriculum.task.loss(model, upper_batch)
+    low = lambda: s.curriculum.task.loss(model, lower_batch) + s.method.regularizer(model)
     run = lambda mode, **kw: hypergradient(up, low, upper, lower, mode, xi=xi, **kw)[0]
     first = run("first_order")
     implicit = lambda g: [a - f for a, f in zip(g, first)]

@@ -60,7 +60,8 @@ from lowrank_bench.train import main
 main()
 """
 VOLATILE = re.compile(r"(timestamp|run_dir|wall_time_s|train_time_s|time_per_step_ms|samples_per_s|peak_mem|"
-                      r"checkpoint_s|git_commit|trained_commit|model_load_s|load_s|_seconds|elapsed)")
+                      r"checkpoint_s|git_commit|trained_commit|model_load_s|load_s|seconds|elapsed|"
+                      r"config_hash)")  # (config_hash: of a config that holds the recording's paths)
 
 
 def fixtures(root: Path) -> None:
@@ -121,19 +122,30 @@ def record(root: Path) -> None:
 
 
 # -- comparing ---------------------------------------------------------------------------------------------------
-def kept(row: dict) -> dict:
-    return {k: v for k, v in row.items() if not VOLATILE.search(k)}
+def kept(value):
+    """`value` without its volatile keys, at any depth."""
+    if isinstance(value, dict):
+        return {k: kept(v) for k, v in value.items() if not VOLATILE.search(k)}
+    return [kept(v) for v in value] if isinstance(value, list) else value
 
 
-def csv_rows(path: Path) -> list[dict]:
+def csv_rows(path: Path, root: Path) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="") as handle:
-        return [kept({k: v for k, v in row.items() if v not in ("", None)}) for row in csv.DictReader(handle)]
+        return [kept({k: v.replace(str(root), "DIR") for k, v in row.items() if v not in ("", None)})
+                for row in csv.DictReader(handle)]
 
 
-def json_file(path: Path) -> dict:
-    return kept(json.loads(path.read_text())) if path.is_file() else {}
+def json_file(path: Path, root: Path):
+    """The file's JSON, its recording's folder written as DIR, volatile keys left out; peft's target_modules (a set
+    that peft writes in hash order, which differs from process to process) sorted."""
+    if not path.is_file():
+        return None
+    value = kept(json.loads(normalised(path, root)))
+    if isinstance(value, dict) and isinstance(value.get("target_modules"), list):
+        value["target_modules"] = sorted(value["target_modules"])
+    return value
 
 
 def normalised(path: Path, root: Path) -> bytes:
@@ -144,28 +156,29 @@ def differences(a: Path, b: Path) -> list[str]:
     a, b = a.resolve(), b.resolve()
     out = []
     for folder in sorted(p.name for p in (a / "runs").iterdir()):
-        for name in ("metrics.jsonl",):
-            fa, fb = a / "runs" / folder / name, b / "runs" / folder / name
-            if fa.is_file() != fb.is_file() or (fa.is_file() and normalised(fa, a) != normalised(fb, b)):
-                out.append(f"{folder}/{name} differs")
-        for name in ("summary.json", "mc_bbh.json"):
-            if json_file(a / "runs" / folder / name) != json_file(b / "runs" / folder / name):
-                ja, jb = json_file(a / "runs" / folder / name), json_file(b / "runs" / folder / name)
-                keys = sorted(k for k in {*ja, *jb} if ja.get(k) != jb.get(k))
+        fa, fb = a / "runs" / folder / "metrics.jsonl", b / "runs" / folder / "metrics.jsonl"
+        if fa.is_file() != fb.is_file() or (fa.is_file() and normalised(fa, a) != normalised(fb, b)):
+            out.append(f"{folder}/metrics.jsonl differs")
+        for name in ("summary.json", "mc_bbh.json", "mc_summary.json"):
+            ja, jb = json_file(a / "runs" / folder / name, a), json_file(b / "runs" / folder / name, b)
+            if ja != jb:
+                keys = sorted(k for k in {*(ja or {}), *(jb or {})} if (ja or {}).get(k) != (jb or {}).get(k))
                 out.append(f"{folder}/{name} differs in {keys}")
-    for table in ("runs.csv", "killed.csv", "eval.csv", "mc.csv"):
-        ra, rb = csv_rows(a / table), csv_rows(b / table)
+    for table in ("runs.csv", "killed.csv", "eval.csv"):
+        ra, rb = csv_rows(a / table, a), csv_rows(b / table, b)
         if len(ra) != len(rb):
             out.append(f"{table}: {len(ra)} rows against {len(rb)}")
         for i, (x, y) in enumerate(zip(ra, rb)):
-            keys = sorted(k for k in {*x, *y} if str(x.get(k)).replace(str(a), "DIR") != str(y.get(k)).replace(
-                str(b), "DIR"))
+            keys = sorted(k for k in {*x, *y} if x.get(k) != y.get(k))
             if keys:
                 out.append(f"{table} row {i} ({x.get('method')} {x.get('task')}) differs in {keys}")
     for file in sorted(p.relative_to(a / "export") for p in (a / "export").rglob("*") if p.is_file()):
-        if file.name == "README.md":
+        fa, fb = a / "export" / file, b / "export" / file
+        if file.name == "README.md":  # the model card: paths, commit and date
             continue
-        if (b / "export" / file).is_file() is False or digest(a / "export" / file) != digest(b / "export" / file):
+        same = json_file(fa, a) == json_file(fb, b) if file.suffix == ".json" else (
+            fb.is_file() and digest(fa) == digest(fb))
+        if not same:
             out.append(f"export/{file} differs")
     return out
 
@@ -178,7 +191,7 @@ def compare(a: Path, b: Path) -> None:
     found = differences(a, b)
     runs = sorted(p.name for p in (a / "runs").iterdir())
     exported = sorted(p.name for p in (a / "export").iterdir())
-    print(f"compared {len(runs)} run folders ({', '.join(runs)}), 4 result tables, export ({', '.join(exported)})")
+    print(f"compared {len(runs)} run folders ({', '.join(runs)}), 3 result tables, export ({', '.join(exported)})")
     for line in found:
         print("DIFFERENT:", line)
     if found:

@@ -32,17 +32,15 @@ import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
+from lowrank_bench import assembly, curriculum
+from lowrank_bench.assembly import Setup
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.models import head_kind
-
-if TYPE_CHECKING:
-    from lowrank_bench.train import Setup
 
 FORMATS = ("peft", "merged")
 #: our methods that are peft's LoRA / DoRA at inference
@@ -54,23 +52,15 @@ PEFT_PREFIX = "base_model.model."  # what peft puts before a module's name in it
 
 # -- rebuilding a run --------------------------------------------------------------------------------------------
 def run_config(run_dir: Path) -> DictConfig:
-    """The run's resolved config, without the multiple-choice benchmark (scored by lrbench-mc, not here)."""
-    from lowrank_bench.evaluate import run_folder
-
-    config, _ = run_folder(Path(run_dir), str(run_dir))
-    run_cfg = OmegaConf.load(config)
-    run_cfg.eval = None
-    return run_cfg
+    """The run's resolved config."""
+    return assembly.saved_run(Path(run_dir))[0]
 
 
 def load_run(run_dir) -> tuple[Setup, DictConfig]:
-    """(the train.Setup of a finished run, with its adapter and head loaded; its resolved config). The model is
+    """(the assembly.Setup of a finished run, with its adapter and head loaded; its resolved config). The model is
     built as the run built it (task tokenised, which needs its data; model with the task's head; method applied)."""
-    from lowrank_bench.evaluate import rebuild
-
-    run_dir = Path(run_dir).expanduser()
-    run_cfg = run_config(run_dir)
-    return rebuild(run_cfg, run_dir / "adapter.safetensors"), run_cfg
+    run_cfg, adapter = assembly.saved_run(Path(run_dir).expanduser())
+    return assembly.rebuild(run_cfg, adapter), run_cfg
 
 
 # -- what a method can be exported as ----------------------------------------------------------------------------
@@ -83,7 +73,7 @@ def check_format(run_cfg: DictConfig, fmt: str) -> None:
     if fmt not in FORMATS:
         raise LrbenchError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     method = run_cfg.method
-    if str(run_cfg.task.get("family")) == "continual":
+    if not curriculum.has_one_head(run_cfg):
         raise LrbenchError(f"task={run_cfg.task.name} is a continual sequence with one head per task; "
                            "lrbench-export exports single-task runs")
     if fmt == "merged":
@@ -121,9 +111,7 @@ def exported_name(name: str, model: nn.Module) -> str:
 
 
 def head_module_names(setup) -> list[str]:
-    from lowrank_bench.train import head_modules
-
-    return head_modules(backbone_model(setup.model), setup.task.head)
+    return assembly.head_modules(backbone_model(setup.model), setup.curriculum.head)
 
 
 def head_tensors(model: nn.Module, heads: list[str]) -> dict[str, torch.Tensor]:
@@ -188,7 +176,7 @@ def peft_config_of_lora_run(setup, run_cfg: DictConfig, heads: list[str], conv1d
                       use_rslora=False if unit_scale else c.get("rslora", False),
                       use_dora=AS_PEFT_LORA[c.name], fan_in_fan_out=conv1d,
                       target_modules=target_modules(names, plain_module_names(setup.model)),
-                      modules_to_save=heads or None, task_type=head_kind(setup.task.head).peft_task_type,
+                      modules_to_save=heads or None, task_type=head_kind(setup.curriculum.head).peft_task_type,
                       base_model_name_or_path=base_model_reference(run_cfg.model), inference_mode=True)
 
 
@@ -226,7 +214,7 @@ def peft_adapter_of_peft_run(setup, run_cfg: DictConfig):
     state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     tensors = {PEFT_PREFIX + exported_name(k.removeprefix(PEFT_PREFIX), inner): v for k, v in state.items()}
     config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads)) or None
-    config.task_type = head_kind(setup.task.head).peft_task_type
+    config.task_type = head_kind(setup.curriculum.head).peft_task_type
     config.base_model_name_or_path = base_model_reference(run_cfg.model)
     config.inference_mode = True
     return config, {**tensors, **head_tensors(inner, heads)}
@@ -325,8 +313,8 @@ def write_merged(setup, run_cfg: DictConfig, folder: Path) -> None:
     model = merged_backbone(setup)
     decoder_classifier = isinstance(model, DecoderClassifier)
     if decoder_classifier:
-        model = as_sequence_classifier(model, setup.tokenizer.pad_token_id, setup.task.head.regression)
-    auto = head_kind(setup.task.head).auto_class
+        model = as_sequence_classifier(model, setup.tokenizer.pad_token_id, setup.curriculum.head.regression)
+    auto = head_kind(setup.curriculum.head).auto_class
     drop_foreign_modules(model, auto)
     model.save_pretrained(str(folder))
     exported_tokenizer(setup.tokenizer, decoder_classifier).save_pretrained(str(folder))
@@ -435,7 +423,7 @@ def export(run_dir, fmt: str, out, overwrite: bool = False) -> Path:
     with torch.no_grad(), staged_folder(out, overwrite) as folder:
         setup.model.eval()
         (write_peft if fmt == "peft" else write_merged)(setup, run_cfg, folder)
-        card = model_card(run_cfg, run_summary(run_dir), fmt, setup.task.head, setup.tokenizer.pad_token_id)
+        card = model_card(run_cfg, run_summary(run_dir), fmt, setup.curriculum.head, setup.tokenizer.pad_token_id)
         (folder / "README.md").write_text(card)
     return out
 

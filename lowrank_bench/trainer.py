@@ -15,7 +15,6 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -25,34 +24,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lowrank_bench import checkpoint, distributed
 from lowrank_bench.batches import BatchStream
 from lowrank_bench.console import console
+from lowrank_bench.devices import autocast_for, pick_device
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.memory import MemoryMonitor
 from lowrank_bench.results import defined_or_none
 from lowrank_bench.stages import Stage, unique
 from lowrank_bench.tasks.base import Task
-
-# -- devices and precision --------------------------------------------------------------------------------------
-def pick_device(name: str, dp: distributed.DataParallel = distributed.SINGLE) -> torch.device:
-    if dp.active and name != "cpu":  # one device per process: the launcher's local rank picks it
-        return torch.device(dp.device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LrbenchError(f"trainer.device={name} but no CUDA device is available; use trainer.device=cpu")
-    return torch.device(name)
-
-
-def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast on CUDA by default (fp16 where bf16 is unsupported); plain fp32 on the CPU."""
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise LrbenchError(f"trainer.precision={precision!r}; valid: auto, bf16, fp16, fp32")
-    if precision == "fp32":
-        return precision, nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return precision, partial(torch.autocast, device_type=device.type, dtype=dtype)
-
 
 class Diverged(Exception):
     """A training loss became NaN or infinite: the run stops there (checked at logging steps, where the loop reads

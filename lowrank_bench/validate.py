@@ -73,17 +73,24 @@ def has_kind(value, kind: str) -> bool:
 
 def check(cfg: DictConfig) -> None:
     """Raise LrbenchError on the first setting out of its range (keys a config does not have are skipped)."""
-    for key, kind, test, valid in RULES:
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is None:
-            continue
-        if not has_kind(value, kind):
-            raise LrbenchError(f"{key}={value!r}: must be {kind if kind != CHOICE else 'one of ' + valid}")
-        if kind == CHOICE and value not in test or kind in (NUMBER, INTEGER) and not test(value):
-            raise LrbenchError(f"{key}={value}: must be {valid}")
+    check_values(cfg)
     device = str(OmegaConf.select(cfg, "trainer.device", default="auto"))
     if not DEVICE.match(device):
         raise LrbenchError(f"trainer.device={device}: must be auto, cpu, cuda, cuda:N or mps")
     if cfg.model.get("path") and cfg.model.get("source") == "config":
         raise LrbenchError(f"model.path={cfg.model.path} does not apply to model={cfg.model.name}, which is built "
                            f"from its config (source: config); choose a model with source hub or path")
+
+
+def check_values(cfg: DictConfig, named=lambda key: key) -> None:
+    """The RULES on whichever of their keys `cfg` has; `named(key)` is the setting the message names (a sequence's
+    stage settings are flat: `lr`, not `optimizer.lr`)."""
+    for key, kind, test, valid in RULES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        name = named(key)
+        if not has_kind(value, kind):
+            raise LrbenchError(f"{name}={value!r}: must be {kind if kind != CHOICE else 'one of ' + valid}")
+        if kind == CHOICE and value not in test or kind in (NUMBER, INTEGER) and not test(value):
+            raise LrbenchError(f"{name}={value}: must be {valid}")

@@ -162,7 +162,7 @@ def test_darts_agrees_with_exact_on_bidora():
     """On a real (nonlinear) BiDoRA model the finite difference approximates the Hessian-vector product."""
     cfg = compose_cfg("method=bidora", "model=tiny-roberta", "method.r=4")
     s = prepare(cfg)
-    model, task = s.model.eval().double(), s.task  # eval: no dropout; float64: no round-off in the difference
+    model, task = s.model.eval().double(), s.curriculum.task  # eval: no dropout; float64: no round-off in the difference
     use_eager_attention(model)
     randomize = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -197,7 +197,7 @@ def make_run(tmp_path, *overrides):
     cfg = compose_cfg("model=tiny-roberta", "trainer.progress=false", *overrides)
     s = prepare(cfg)
     trainer = Trainer(cfg.trainer, s.model, s.method, tmp_path, cfg.seed)
-    stages = stages_for(s.task, s.method, s.groups, cfg.method, cfg.optimizer, cfg.trainer.epochs,
+    stages = stages_for(s.curriculum.task, s.method, s.groups, cfg.method, cfg.optimizer, cfg.trainer.epochs,
                         cfg.trainer.max_steps, cfg.seed)
     return trainer, stages, s
 
@@ -314,7 +314,7 @@ def bidora_upper_gradient(tmp_path, precision: str, mode: str) -> list[torch.Ten
     with torch.no_grad():
         for p in s.groups["adapter"]:
             p.add_(torch.randn(p.shape, generator=randomize) * 0.3)
-    it = iter(s.task.loader("train", 16))
+    it = iter(s.curriculum.task.loader("train", 16))
     lower_batch, upper_batch = next(it), next(it)
     return rule.upper_gradient(upper_batch, lower_batch)[0]
 

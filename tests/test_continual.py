@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from lowrank_bench import forgetting, perplexity
-from lowrank_bench.continual import ContinualRun
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.heads import CURLORA_HEAD_SEED, DecoderClassifier, HeadBank
 from lowrank_bench.models import Head, load_tokenizer
 from lowrank_bench.results import read_rows
-from lowrank_bench.train import build_model, plan_stages, prepare, run
+from lowrank_bench.assembly import build_model
+from lowrank_bench.train import prepare, run
 from lowrank_bench.trainer import Trainer
 from tests.conftest import compose_cfg, model_cfg
 from tests.test_cli import METHODS, lrbench
@@ -88,29 +88,29 @@ def test_curlora_heads_have_a_bias_and_the_notebooks_seed():
 def build_sequence(tmp_path, *overrides):
     cfg = compose_cfg("task=continual/toy", "model=tiny-gpt2", *FAST, *overrides)
     s = prepare(cfg)
-    stages = plan_stages(cfg, s)
-    trainer = Trainer(cfg.trainer, s.model, s.method, tmp_path, cfg.seed, activate_head=s.bank.use)
-    sequence = ContinualRun(s.task, trainer, s.bank, s.tokenizer, cfg.task.perplexity, stages, tmp_path)
-    trainer.stage_end_hooks.append(sequence.after_stage)
+    sequence = s.curriculum
+    stages = sequence.plan(cfg, s.method, s.groups)
+    trainer = Trainer(cfg.trainer, s.model, s.method, tmp_path, cfg.seed, activate_head=sequence.activate_head)
+    sequence.attach(trainer, tmp_path, s.tokenizer)
     return cfg, s, stages, trainer, sequence
 
 
 def test_old_heads_stay_frozen_and_are_swapped_back_to_re_evaluate_their_task(tmp_path, corpus):
     cfg, s, stages, trainer, sequence = build_sequence(tmp_path, "trainer.max_steps=3", *with_perplexity(corpus))
     assert [stage.name for stage in stages] == ["first", "second"]
-    first_head, second_head = s.task_heads["first"], s.task_heads["second"]
+    first_head, second_head = sequence.task_heads["first"], sequence.task_heads["second"]
     assert {id(p) for p in stages[1].params} == {id(p) for p in s.groups["adapter"] + second_head}
     after_first = {}
     trainer.stage_end_hooks.insert(0, lambda i, stage, record: after_first.setdefault(
         stage.name, [p.detach().clone() for p in first_head + s.groups["adapter"]]))
-    sequence.before_first_stage()
+    sequence.before_training()
     trainer.run(stages)
     saved = after_first["first"]
     assert all(torch.equal(a, b) for a, b in zip(saved[: len(first_head)], first_head))  # frozen in stage 2
     assert any(not torch.equal(a, b) for a, b in zip(saved[len(first_head):], s.groups["adapter"]))  # trained on
     # R[1][0] is task 1 re-evaluated with its own head, after the adapter moved on
-    s.bank.use("first")
-    again = trainer.evaluate_task(s.task.plans[0].task)["accuracy"]
+    sequence.bank.use("first")
+    again = trainer.evaluate_task(sequence.plans[0].task)["accuracy"]
     assert sequence.matrix.rows[1][0] == again
     assert s.model.score is s.model.task_heads["first"]
     assert len(sequence.perplexities) == 3 and all(p > 1 for p in sequence.perplexities)
@@ -120,7 +120,7 @@ def test_perplexity_at_the_start_is_the_base_lms(tmp_path, corpus):
     """The adapted LM (identity at initialisation) keeps its own LM head: its perplexity is the base model's."""
     cfg, s, stages, trainer, sequence = build_sequence(tmp_path, "method=curlora", "task.head_protocol=curlora",
                                                        *with_perplexity(corpus))
-    sequence.before_first_stage()
+    sequence.before_training()
     torch.manual_seed(cfg.seed)
     base = build_model(cfg.model, Head("sequence_classification", 2), s.tokenizer.pad_token_id).lm
     expected = perplexity.perplexity(base, s.tokenizer, TEXT, "strided", context=64)
@@ -192,6 +192,9 @@ def amazon_folder(tmp_path) -> Path:
     (["task.stages.first.task=glue/nope"], "unknown task 'glue/nope'"),
     (["task.perplexity.mode=strided", "task.perplexity.corpus=/nonexistent/valid.txt"], "/nonexistent/valid.txt"),
     (["task.perplexity.mode=strided", "task.perplexity.corpus={empty}"], "empty"),
+    (["+task.stages.first.lr=-1"], "stage 'first' of continual/toy (its settings: task.stages.first.<key>, or "
+                                  "task.every_stage.<key>): lr=-1: must be > 0"),
+    (["task.every_stage.max_train_samples=-5"], "max_train_samples=-5: must be an integer > 0"),
     (["task.sequence=[first,books]", "+task.stages.books={{task:sentiment/amazon_books,data_dir:{amazon},num_labels:3}}"],
      "label count does not match its data"),
 ])
@@ -206,6 +209,14 @@ def test_bad_sequences_fail_before_training_without_a_row_or_a_folder(tmp_path, 
         run(cfg, tmp_path / "run")
     assert message in str(err.value)
     assert not (tmp_path / "run").exists() and len(read_rows(csv_path)) == before
+
+
+def test_a_stage_task_is_composed_as_the_command_line_composes_it():
+    """Hydra composes a stage's task config: its defaults list applies (sft/math gets sft/_base's keys)."""
+    from lowrank_bench.configs import task_config
+
+    for name in ("toy/sentiment", "sft/math"):
+        assert task_config(name) == compose_cfg(f"task={name}").task
 
 
 def test_a_bad_sequence_exits_with_code_2_and_one_line(tmp_path):

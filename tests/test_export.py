@@ -48,7 +48,7 @@ class Runs:
             run(compose_cfg(f"model={model}", f"method={method}", *overrides, *FAST), folder)
             perturb(folder / "adapter.safetensors")
             setup, run_cfg = lrexport.load_run(folder)
-            batch = setup.task.collate(setup.task.splits["validation"][:8])
+            batch = setup.curriculum.task.collate(setup.curriculum.task.splits["validation"][:8])
             batch.pop("labels")
             setup.model.eval()
             with torch.no_grad():

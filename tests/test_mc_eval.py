@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 from lowrank_bench import mc_eval
 from lowrank_bench.errors import LrbenchError
-from lowrank_bench.mc_eval import HARNESS_DESCRIPTION, MultipleChoiceEval, letter_scores
+from lowrank_bench.evaluations import multiple_choice
+from lowrank_bench.evaluations.multiple_choice import HARNESS_DESCRIPTION, MultipleChoiceEval, letter_scores
 from lowrank_bench.methods.base import adapted_layers, save_adapter
 from lowrank_bench.models import load_tokenizer
 from lowrank_bench.tasks.sft import encode_text
@@ -217,9 +218,9 @@ def test_a_runs_adapter_scores_alone_as_it_did_in_memory(tmp_path):
     write_csv(tmp_path / "bench" / "algebra.csv", ALGEBRA)
     cfg = compose_cfg("model=tiny-llama", "method=lora", "task=sft/math", f"task.files=[{data}]", "eval=mc/bbh",
                       f"eval.data_dir={tmp_path / 'bench'}")
-    assert mc_eval.build(compose_cfg("model=tiny-llama"), None) is None  # no eval group: no evaluator
+    assert multiple_choice.build(compose_cfg("model=tiny-llama"), None) is None  # no eval group: no evaluator
     setup = prepare(cfg)
-    evaluator = mc_eval.build(cfg, setup.tokenizer)
+    evaluator = multiple_choice.build(cfg, setup.tokenizer)
     with torch.no_grad():
         for layer in adapted_layers(setup.model).values():
             layer.lora_B.normal_()  # a trained-looking adapter

@@ -1,4 +1,5 @@
-"""Task registry: `task.family` in the config -> the class that implements it (one module per task family)."""
+"""Task registry: `task.family` in the config -> the class that implements it (one module per task family). A
+sequence of tasks is a run shape, not a task: lowrank_bench.curriculum."""
 from __future__ import annotations
 
 import importlib
@@ -8,7 +9,6 @@ from lowrank_bench.tasks.base import Task
 
 REGISTRY = {
     "amazon": "lowrank_bench.tasks.sentiment:AmazonReviews",
-    "continual": "lowrank_bench.tasks.continual:ContinualTask",  # a sequence of the others
     "e2e": "lowrank_bench.tasks.e2e:E2ETask",
     "glue": "lowrank_bench.tasks.glue:GlueTask",
     "ner": "lowrank_bench.tasks.ner:NerTask",
@@ -25,4 +25,4 @@ def build(cfg) -> Task:
         raise LrbenchError(f"unknown task family {family!r}; valid: {choices(REGISTRY)}")
     module, cls = REGISTRY[family].split(":")
     task_class = getattr(importlib.import_module(module), cls)
-    return task_class(cfg, build) if family == "continual" else task_class(cfg)
+    return task_class(cfg)

@@ -183,6 +183,14 @@ class Task:
         self.splits: dict[str, list[dict]] = {}
         self.pad_id = 0
 
+    # -- what a task adds to its run (declared here; a family overrides what it uses) -----------------------------
+    def use_run_folder(self, folder: Path) -> None:
+        """The run's folder, for a task that writes files of its own there (E2E's generations)."""
+
+    def result_counts(self) -> dict[str, int]:
+        """Counts the task adds to the run's result row (SFT: examples kept, left out, cut)."""
+        return {}
+
     # -- data ---------------------------------------------------------------------------------------------------
     def raw_split(self, split: str) -> list[Example]:
         raise NotImplementedError

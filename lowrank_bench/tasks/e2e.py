@@ -26,7 +26,7 @@ cut at the first EOS, decoded without special tokens, made one line. Each evalua
 official scorer's inputs: `<split>-references.txt` (grouped, a blank line between MRs), `<split>-hypotheses-<k>.txt`
 (one line per MR; k counts the evaluations, on from the files already there, so a resumed run does not overwrite)
 and `<split>-mrs.txt`; `lrbench-e2e-metrics` on the two text files gives the run's numbers again. The run folder is
-the task's `output_dir` attribute when the runner sets it, else Hydra's job folder (rank 0 only under data
+the one the runner gives (`use_run_folder`), else Hydra's job folder (rank 0 only under data
 parallel); with neither, nothing is written (the metrics are still computed).
 
 Metric for the best evaluation: BLEU. A metric that could not be computed (METEOR without Java) is absent from the
@@ -184,7 +184,7 @@ class E2ETask(Task):
         self.name = cfg.name if self.split == "official" else f"{cfg.name}/dev_by_mr"
         self.eval_splits = (self.eval_on,) if self.split == "official" else ("validation",)
         self.check_eval_mrs()
-        self.output_dir: Path | None = None  # the run folder, set by the runner (see the module docstring)
+        self.output_dir: Path | None = None  # the run folder, given by the runner (see the module docstring)
         self.tokenizer = None
         self.end_id = 0
         self.separator: list[int] = []
@@ -400,6 +400,9 @@ class E2ETask(Task):
                 self.failed[metric] = message
                 console.print(f"[bold yellow]warning:[/] {self.name}: {metric} not computed: {message}",
                               soft_wrap=True)
+
+    def use_run_folder(self, folder: Path) -> None:
+        self.output_dir = folder
 
     def run_folder(self) -> Path | None:
         if self.output_dir is not None:

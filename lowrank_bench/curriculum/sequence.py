@@ -1,0 +1,276 @@
+"""Continual-learning sequences: `task=continual/<name>` trains one task after another on the same adapter, each task
+with a head of its own; after each task every task seen so far is evaluated again with its own head, and the
+language model's perplexity is measured before the first task and after each one.
+
+A sequence YAML names its stages in order (`sequence`) and defines each (`stages.<name>`): the task config it
+reuses (`task: glue/mrpc`, any file under conf/task/, composed by Hydra as `task=glue/mrpc` would be) plus
+per-stage overrides. Overrides of the task itself (`max_train_samples`, `max_eval_samples`, `max_length`,
+`data_dir`, `source`, ...) go into that task's config; `epochs` and `max_steps` go to the stage's budget; `lr`,
+`schedule`, `warmup_steps`, `warmup_ratio`, `weight_decay` and `schedule_steps` to its optimiser. Every stage's
+settings are checked as the same keys of a single run are (validate.py); a stage's task that cannot be built, or a
+setting out of range, says which stage it is.
+
+`every_stage.<key>` overrides a key in every stage (from the command line: `task.every_stage.max_train_samples=200`;
+one stage: `+task.stages.mrpc.max_eval_samples=100`). `protocol` picks a named set of extra overrides from
+`protocols.<name>` (`'*'` applies to every stage), e.g. the CURLoRA notebooks' never-ending warmup
+(`task=continual/curlora task.protocol=notebook`). Precedence: the stage's definition, then the protocol's
+overrides, then `every_stage`.
+
+What a run keeps (measures in forgetting.py): the accuracy matrix R[i][j] (task j after training task i), average
+accuracy, backward transfer and forgetting; each evaluation's metrics, confusion matrix and whether the classifier
+predicted a single class (`degenerate`), one line per (stage, task) in metrics.jsonl; the perplexity curve
+(`perplexity.*`). Files in the run folder: `accuracy_matrix.csv` and `forgetting.png` (accuracy of each task across
+the stages, perplexity on a second axis). The run's result row is one summary row: final average accuracy,
+backward transfer, average forgetting, perplexity before and after, each task's final accuracy, and the matrix file
+it comes from.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lowrank_bench import configs, forgetting, perplexity, results, tasks, validate
+from lowrank_bench.console import console
+from lowrank_bench.errors import LrbenchError, choices
+from lowrank_bench.heads import DecoderClassifier, HeadBank
+from lowrank_bench.stages import overridden, stages_for
+from lowrank_bench.tasks.base import Task, data_dir
+
+BUDGET_KEYS = ("epochs", "max_steps")
+OPTIMIZER_KEYS = ("lr", "schedule", "warmup_steps", "warmup_ratio", "weight_decay", "schedule_steps")
+MATRIX_METRIC = "accuracy"
+
+
+@dataclass
+class StagePlan:
+    """One stage of a sequence: its task (built, not yet tokenised) and what it overrides."""
+
+    name: str
+    task: Task
+    budget: dict
+    optimizer: dict
+
+
+class Sequence:
+    """A sequence of classification tasks on one adapter, one head per task (heads.HeadBank)."""
+
+    metric = "final_average_accuracy"
+    one_head = False
+    activate_head = None  # the head bank's `use`, once the heads exist
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg, self.seed = cfg.task, cfg.seed
+        self.name = self.cfg.name
+        self.plans = self.read_plans(self.cfg)
+        self.tasks = [p.task for p in self.plans]
+        self.head = self.tasks[0].head  # classification heads only (read_plans): known before preparation
+        self.names = [plan.name for plan in self.plans]
+        self.bank: HeadBank | None = None
+        self.task_heads: dict[str, list[torch.nn.Parameter]] = {}
+        self.stages: list = []
+        self.matrix = forgetting.AccuracyMatrix(self.names)
+        self.perplexities: list[float | None] = []
+        self.final: dict[str, dict] = {}
+        self.corpus_ids = None
+
+    # -- the plan -------------------------------------------------------------------------------------------------
+    def read_plans(self, cfg: DictConfig) -> list[StagePlan]:
+        sequence = list(cfg.get("sequence") or [])
+        if not sequence:
+            raise LrbenchError(f"task {cfg.name}: empty sequence; give task.sequence=[stage, ...] "
+                               f"from the defined stages: {choices(cfg.get('stages') or {})}")
+        defined = cfg.get("stages") or {}
+        unknown = [s for s in sequence if s not in defined]
+        if unknown:
+            raise LrbenchError(f"task.sequence names unknown stage(s) {unknown}; defined stages: {choices(defined)}")
+        if len(set(sequence)) != len(sequence):
+            raise LrbenchError(f"task.sequence={sequence} repeats a stage; each stage keeps its own head")
+        protocol = cfg.get("protocol") or "paper"
+        protocols = cfg.get("protocols") or {"paper": {}}
+        if protocol not in protocols:
+            raise LrbenchError(f"task.protocol={protocol!r}; valid: {choices(protocols)}")
+        extra = protocols[protocol] or {}
+        every = {k: v for k, v in (cfg.get("every_stage") or {}).items() if v is not None}
+        plain = lambda c: OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else (c or {})  # noqa: E731
+        plans = [self.plan_stage(name, OmegaConf.merge(plain(defined[name]), plain(extra.get("*")),
+                                                       plain(extra.get(name)), every)) for name in sequence]
+        not_classification = [p.name for p in plans if p.task.head.kind != "sequence_classification"]
+        if not_classification:
+            raise LrbenchError(f"{cfg.name}: stage(s) {not_classification} are not classification tasks; a "
+                               "continual sequence holds classification tasks (one head each)")
+        return plans
+
+    def plan_stage(self, name: str, settings: DictConfig) -> StagePlan:
+        task_name = settings.get("task")
+        if task_name not in configs.available_tasks():
+            raise LrbenchError(f"stage '{name}' of {self.name}: unknown task {task_name!r}; "
+                               f"valid: {choices(configs.available_tasks())}")
+        overrides = OmegaConf.to_container(settings, resolve=True)
+        overrides.pop("task")
+        budget = {k: overrides.pop(k) for k in BUDGET_KEYS if k in overrides}
+        optimizer = {k: overrides.pop(k) for k in OPTIMIZER_KEYS if k in overrides}
+        task_cfg = OmegaConf.merge(configs.task_config(task_name), overrides)
+        settings = OmegaConf.create({"task": task_cfg, "trainer": budget, "optimizer": optimizer})
+        try:
+            validate.check_values(settings, named=lambda key: key.rsplit(".", 1)[-1])
+            task = tasks.build(task_cfg)
+        except LrbenchError as err:  # say which stage, and where its settings go (task.source=hub means the stage's)
+            raise LrbenchError(f"stage '{name}' of {self.name} (its settings: task.stages.{name}.<key>, or "
+                               f"task.every_stage.<key>): {err}") from None
+        return StagePlan(name, task, budget, optimizer)
+
+    def attach_heads(self, model, head_modules, groups):
+        """One head per task, seeded apart (CURLoRA's: 1311); the template head's parameters leave the groups."""
+        self.bank = HeadBank(model, head_modules[0], self.cfg.head_protocol)
+        for index, plan in enumerate(self.plans):
+            torch.manual_seed(self.seed + index)
+            self.task_heads[plan.name] = self.bank.add(plan.name, plan.task.head.num_labels)
+        self.bank.use(self.plans[0].name)
+        self.activate_head = self.bank.use
+        groups = {role: params for role, params in groups.items() if role != "head"}
+        return groups, [p for params in self.task_heads.values() for p in params]
+
+    def plan(self, cfg, method, groups):
+        """One (or two: BiDoRA's search and retraining) stages per task, each with its head and budget."""
+        self.stages = []
+        for plan in self.plans:
+            budget = {"epochs": cfg.trainer.epochs, "max_steps": cfg.trainer.max_steps, **plan.budget}
+            self.stages += stages_for(plan.task, method, {**groups, "head": self.task_heads[plan.name]}, cfg.method,
+                                      overridden(cfg.optimizer, **plan.optimizer), budget["epochs"],
+                                      budget["max_steps"], cfg.seed, name=plan.name, head=plan.name)
+        return self.stages
+
+    # -- the run ------------------------------------------------------------------------------------------------
+    def attach(self, trainer, run_dir: Path, tokenizer) -> None:
+        """Re-evaluation at each task's end, its matrix and perplexities in every checkpoint. Reads the perplexity
+        corpus: a missing one fails here, before training."""
+        self.trainer, self.run_dir = trainer, run_dir
+        self.corpus_ids = self.read_corpus(self.perplexity_corpus(), tokenizer)
+        trainer.stage_end_hooks.append(self.after_stage)
+        trainer.states["continual"] = self
+
+    def perplexity_corpus(self) -> Path | None:
+        """The perplexity text file: `perplexity.corpus`, else WikiText-2 valid under $LRBENCH_DATA_DIR."""
+        pc = self.cfg.perplexity
+        if pc.mode == "none":
+            return None
+        if pc.get("corpus"):
+            return Path(str(pc.corpus)).expanduser()
+        shared = data_dir()
+        if shared is None:
+            raise LrbenchError("task.perplexity.corpus is not set and LRBENCH_DATA_DIR is unset: give "
+                               "task.perplexity.corpus=/path/to/wikitext-2/valid.txt, or task.perplexity.mode=none")
+        return shared / "wikitext-2" / "valid.txt"
+
+    def read_corpus(self, path: Path | None, tokenizer):
+        """The corpus as token ids, tokenised once for every measurement of the run."""
+        if path is None:
+            return None
+        if not isinstance(self.bank.model, DecoderClassifier):
+            console.print(f"[yellow]perplexity skipped: {self.bank.model.config.model_type} is not a causal LM")
+            return None
+        if self.cfg.perplexity.mode not in perplexity.MODES:
+            raise LrbenchError(f"task.perplexity.mode={self.cfg.perplexity.mode!r}; valid: none, "
+                               f"{', '.join(perplexity.MODES)}")
+        text = perplexity.read_corpus(path)
+        return perplexity.corpus_ids(tokenizer, text, perplexity.MODES[self.cfg.perplexity.mode])
+
+    def measure_perplexity(self, when: str) -> None:
+        if self.corpus_ids is None:
+            self.perplexities.append(None)
+            return
+        pc = self.cfg.perplexity
+        result = perplexity.score(self.bank.model.lm, self.corpus_ids, pc.mode, pc.get("context"), pc.get("stride"),
+                                  pc.get("max_tokens") or 10000, self.trainer.device, self.trainer.autocast,
+                                  pc.get("corpus_tokens"))
+        self.perplexities.append(result["perplexity"])
+        self.trainer.write_record({"perplexity_after": when, **result})
+        console.print(f"perplexity ({pc.mode}) {when}: {result['perplexity']:.3f} over {result['tokens']} tokens")
+
+    def before_training(self) -> None:
+        self.measure_perplexity("start")
+
+    def after_stage(self, index: int, stage, record: dict) -> None:
+        """The stage-end hook: at the end of each task (its last stage), re-evaluate every task seen so far."""
+        current = self.names.index(stage.head)
+        if not self.is_last_stage_of_task(index, stage):
+            return
+        for j, plan in enumerate(self.plans[: current + 1]):
+            if j == current:
+                metrics = {k: v for k, v in record.items() if not k.startswith("train_")
+                           and k not in ("step", "epoch", "stage")}
+            else:
+                self.bank.use(plan.name)
+                metrics = self.trainer.evaluate_task(plan.task)
+            self.matrix.record(current, plan.name, metrics[MATRIX_METRIC])
+            self.final[plan.name] = metrics
+            self.trainer.write_record({"after_stage": stage.head, "stage_index": current, "task": plan.name,
+                                       **metrics})
+        self.bank.use(stage.head)
+        row = " ".join(f"{n}={v:.4f}" for n, v in zip(self.names, self.matrix.rows[current]) if v is not None)
+        console.print(f"after {stage.head}: {row}")
+        self.measure_perplexity(f"after {stage.head}")
+
+    def is_last_stage_of_task(self, index: int, stage) -> bool:
+        return index == len(self.stages) - 1 or self.stages[index + 1].head != stage.head
+
+    # -- checkpoints (the trainer saves this with every checkpoint and puts it back on resume) --------------------
+    def state_dict(self) -> dict:
+        return {"rows": self.matrix.rows, "perplexities": self.perplexities, "final": self.final}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.matrix.rows = [list(row) for row in state["rows"]]
+        self.perplexities = list(state["perplexities"])
+        self.final = dict(state["final"])
+
+    # -- outputs ------------------------------------------------------------------------------------------------
+    def write_files(self, run_dir: Path, logger) -> None:
+        self.matrix.to_csv(run_dir / "accuracy_matrix.csv")
+        forgetting.plot_forgetting(run_dir / "forgetting.png", self.names, self.matrix.rows,
+                                   self.perplexities if any(p is not None for p in self.perplexities) else None,
+                                   title=self.name)
+        if logger:
+            logger.log_matrix(self.names, self.matrix.rows, run_dir / "forgetting.png")
+
+    def measures(self, history) -> dict:
+        """The result row's measures."""
+        summary = self.matrix.summary()
+        out = {"final_average_accuracy": summary["average_accuracy"],
+               "backward_transfer": summary["backward_transfer"],
+               "average_forgetting": summary["average_forgetting"],
+               "ppl_before": self.perplexities[0] if self.perplexities else None,
+               "ppl_after": self.perplexities[-1] if self.perplexities else None,
+               "ppl_mode": self.cfg.perplexity.mode}
+        for name in self.names:
+            out[f"final_accuracy_{name}"] = self.matrix.rows[-1][self.names.index(name)]
+        for name, value in summary["forgetting"].items():
+            out[f"forgetting_{name}"] = value
+        degenerate = [n for n, m in self.final.items() if m.get("degenerate")]
+        out["degenerate"] = bool(degenerate)
+        out["degenerate_tasks"] = " ".join(degenerate)
+        out["matrix_csv"] = str(self.run_dir / "accuracy_matrix.csv")
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+
+    def partial_measures(self, history) -> dict:
+        return {}  # a diverged sequence has no matrix worth a row
+
+    def tables(self, history) -> dict:
+        return {}
+
+    def before_save(self) -> None:
+        """The head in use is shared under two names: saved with the first task's in use, as it was built."""
+        self.bank.use(self.plans[0].name)
+
+    def score(self, model, **kwargs) -> tuple[str, dict]:
+        """`mode=eval`: each task with its own head, and their mean."""
+        out, finals = {}, []
+        for plan in self.plans:
+            self.bank.use(plan.name)
+            measured = plan.task.evaluate_all(model, **kwargs)
+            finals.append(measured[MATRIX_METRIC])
+            out.update({f"{plan.name}_{k}": v for k, v in measured.items() if results.is_metric(k, v)})
+        return "average_accuracy", {"average_accuracy": sum(finals) / len(finals), **out}
