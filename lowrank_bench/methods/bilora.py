@@ -9,7 +9,7 @@ The parameterisation of lambda (`lambda_param`, the paper's Table 5 ablation):
 - `real`: lambda = theta, starting at 1;
 - `binary`: lambda = sigmoid(theta), starting at 0.5, with R2 = mean lambda (1 - lambda) pushing it to {0, 1}.
 AdaLoRA's form without its rank allocator (no pruning). There is no official code; the hypergradient follows
-BiDoRA's (Betty `darts`), see bilevel.py.
+BiDoRA's (Betty `darts`), see hypergradient.py.
 
 The paper does not give the initialisation; `init` chooses it, and Delta W = 0 at initialisation under both:
 - `lora` (default): P = 0 and Q Kaiming-uniform, as LoRA's B and A. With P = 0, dL/dlambda_i = s p_i^T G q_i is
