@@ -51,10 +51,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowrank_bench import e2e_metrics
+from lowrank_bench import e2e_metrics, hub
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError, choices
-from lowrank_bench.models import Head, hub_offline, hub_reachable, offline_message
+from lowrank_bench.models import Head
 from lowrank_bench.tasks.base import (Task, cached, check_text, fingerprint, local_data_folder, pad_batch,
                                       tokenizer_id)
 
@@ -245,18 +245,9 @@ class E2ETask(Task):
         return self.read_hub(split)
 
     def read_hub(self, split: str) -> list[Pair]:
-        import datasets
-
-        if hub_reachable():
-            ds = datasets.load_dataset(HUB_DATASET, split=split)
-        else:
-            with hub_offline():  # a copy in the local HF cache still loads, without the client's retries
-                try:
-                    ds = datasets.load_dataset(HUB_DATASET, split=split)
-                except Exception:
-                    raise LrbenchError(offline_message("Dataset", HUB_DATASET, "task.data_dir")
-                                       + f"\nAn E2E folder holds {', '.join(FILES.values())} (columns mr,ref); "
-                                       f"with only {FILES['validation']}, use task.split=dev_by_mr.") from None
+        ds = hub.load_dataset(HUB_DATASET, split=split, shown=HUB_DATASET,
+                              local_copy=f"An E2E folder holds {', '.join(FILES.values())} (columns mr,ref); "
+                                         f"with only {FILES['validation']}, use task.split=dev_by_mr.")
         mr_column, ref_column = HUB_COLUMNS
         pairs = []
         for row, record in enumerate(ds):
