@@ -333,7 +333,7 @@ class Source:
     path: Path | None  # a local file; None: the Hub
     hub: str | None
     hub_config: str | None
-    hub_split: str
+    hub_split: str | None
     columns: dict[str, tuple[str, ...]]
 
     def identity(self) -> str:
@@ -418,7 +418,8 @@ class SftTask(Task):
                 raise LrbenchError(f"{self.name}: dataset {s.name!r} has no Hub copy and no local file ({where}); put "
                                    f"{s.file}.json (CoLA: LLaMA-Factory/data/{s.file}.json) in task.data_dir, or "
                                    f"list your own files in task.files=[...]")
-            sources.append(Source(s.name, path, s.get("hub"), s.get("hub_config"), s.get("hub_split") or "train",
+            hub_split = s.hub_split if s.get("hub") else None  # a Hub copy names its split in the YAML
+            sources.append(Source(s.name, path, s.get("hub"), s.get("hub_config"), hub_split,
                                   candidates_from(s.get("columns"), task_columns)))
         return sources
 
