@@ -44,13 +44,3 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg, total_steps: int):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_lambda, warmup=warmup, total=total, schedule=schedule))
     return optimizer, scheduler
-
-
-def endless(loader):
-    """Cycle a DataLoader forever; each pass reshuffles from the loader's seeded generator. The trainer draws its
-    batches from `batches.BatchStream`, which yields the same batches resumably; this is its reference in tests."""
-    epoch = 0
-    while True:
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1
