@@ -11,6 +11,7 @@ import copy
 import statistics
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -19,6 +20,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from lowrank_bench.methods import build
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
 SIZES = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
@@ -26,7 +28,7 @@ SIZES = {
 
 
 def ours(model, name, r):
-    method = build(OmegaConf.create({"name": name, "r": r, "alpha": 2 * r, "dropout": 0.0, "targets": None}))
+    method = build(OmegaConf.merge(OmegaConf.load(CONF / "method" / f"{name}.yaml"), {"r": r, "alpha": 2 * r}))
     method.apply(model, ["classifier"], {"default": ["query", "value"]})
     return model
 

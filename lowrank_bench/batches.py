@@ -1,7 +1,7 @@
 """The training batches of a stage: shuffled passes over its examples, as a resumable stream.
 
-`BatchStream` yields exactly what `optim.endless(DataLoader(examples, batch_size, shuffle=True, generator=g,
-collate_fn=collate))` yields, batch for batch, and draws exactly the same numbers from `g` at the same requests,
+`BatchStream` yields exactly what `endless(DataLoader(examples, batch_size, shuffle=True, generator=g,
+collate_fn=collate))` (tests/test_resume.py) yields, batch for batch, and draws exactly the same numbers from `g` at the same requests,
 so that several streams sharing the run's one generator (the bi-level rule's lower and upper streams, stage after
 stage) interleave their draws as the DataLoaders did. What a DataLoader with a RandomSampler draws from `g`
 (torch 2.x, no workers; `torch/utils/data/dataloader.py` and `sampler.py`):

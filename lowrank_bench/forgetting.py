@@ -189,34 +189,3 @@ def plot_perplexity(ax, perplexities, handles: list, names: list) -> tuple[list,
     ax.set_zorder(right.get_zorder() + 1)
     ax.patch.set_visible(False)
     return handles + [line], names + ["perplexity"]
-
-
-# -- classification diagnostics -----------------------------------------------------------------------------------
-def class_ids(values, num_labels: int, what: str) -> np.ndarray:
-    ids = np.asarray(values, dtype=np.int64).reshape(-1)
-    outside = ids[(ids < 0) | (ids >= num_labels)]
-    if outside.size:
-        raise LrbenchError(f"{what} contain class {int(outside[0])}, outside 0..{num_labels - 1} for "
-                           f"num_labels={num_labels}; check the task's num_labels against the model's head")
-    return ids
-
-
-def confusion(preds, labels, num_labels: int) -> list[list[int]]:
-    """Counts, rows = true label, columns = predicted label."""
-    from sklearn.metrics import confusion_matrix
-
-    preds, labels = class_ids(preds, num_labels, "predictions"), class_ids(labels, num_labels, "labels")
-    if preds.size != labels.size:
-        raise LrbenchError(f"{preds.size} predictions for {labels.size} labels; give one prediction per example")
-    if preds.size == 0:  # sklearn refuses empty inputs; no examples, no counts
-        return [[0] * num_labels for _ in range(num_labels)]
-    return confusion_matrix(labels, preds, labels=list(range(num_labels))).astype(int).tolist()
-
-
-def class_histogram(preds, num_labels: int) -> list[int]:
-    return np.bincount(class_ids(preds, num_labels, "predictions"), minlength=num_labels).astype(int).tolist()
-
-
-def is_degenerate(preds) -> bool:
-    """A constant predictor: every prediction the same class (an empty list is not degenerate)."""
-    return len(np.unique(np.asarray(preds).reshape(-1))) == 1

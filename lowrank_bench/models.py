@@ -27,22 +27,19 @@ import importlib.util
 import logging
 import os
 import shutil
-import socket
-import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lowrank_bench import hub
 from lowrank_bench.errors import LrbenchError, choices
 
 SOURCES = ("hub", "path", "package", "config")
 KINDS = ("encoder", "decoder")
-HUB_PROBE_TIMEOUT_S = 3.0
 
 log = logging.getLogger(__name__)
 
@@ -80,72 +77,6 @@ def head_kind(head: Head) -> HeadKind:
     return HEAD_KINDS[head.kind]
 
 
-def hub_host() -> str:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    return endpoint.split("://", 1)[-1].split("/", 1)[0]
-
-
-def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """A TCP connect to the Hub host, run in a thread so that a hanging DNS lookup cannot block us either."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    result = []
-
-    def probe():
-        try:
-            socket.create_connection((hub_host(), 443), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
-
-
-@contextmanager
-def hub_offline():
-    """Offline mode for huggingface_hub and datasets for the duration of a call (they read it at import time)."""
-    import huggingface_hub.constants as hub_constants
-
-    modules = [hub_constants]
-    try:
-        import datasets.config
-
-        modules.append(datasets.config)
-    except ImportError:
-        pass
-    previous = [m.HF_HUB_OFFLINE for m in modules]
-    for m in modules:
-        m.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        for m, value in zip(modules, previous):
-            m.HF_HUB_OFFLINE = value
-
-
-def offline_message(what: str, name: str, override: str) -> str:
-    return (
-        f"{what} '{name}' is not in the local Hugging Face cache and the Hub ({hub_host()}) cannot be reached.\n"
-        f"Point at local files instead, e.g. `{override}=/path/to/folder`, "
-        "or use an offline model such as `model=minilm-l6` or `model=tiny-roberta`."
-    )
-
-
-def hub_access(name: str, override: str, what: str = "Model") -> dict:
-    """`from_pretrained` kwargs for a Hub name: none when the Hub answers; `local_files_only` when it does not but
-    the files are in the local HF cache (never the client's retries); otherwise a helpful error, fast."""
-    from huggingface_hub import try_to_load_from_cache
-
-    if hub_reachable():
-        return {}
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return {"local_files_only": True}
-    raise LrbenchError(offline_message(what, name, override))
-
-
 def resolve_location(cfg: DictConfig, key: str = "model") -> tuple[str, dict]:
     """Map a (source, id, path) block to the folder or Hub name that `from_pretrained` takes, and its kwargs."""
     source, ident, path = cfg.get("source"), cfg.get("id"), cfg.get("path")
@@ -159,7 +90,7 @@ def resolve_location(cfg: DictConfig, key: str = "model") -> tuple[str, dict]:
     if source == "path":
         raise LrbenchError(f"{key}: source=path needs {key}.path=/a/local/folder")
     if source == "hub":
-        return str(ident), hub_access(str(ident), f"{key}.path")
+        return str(ident), hub.pretrained_kwargs(str(ident), f"{key}.path")
     if source == "package":
         return package_folder(str(ident)), {}
     raise LrbenchError(f"{key}: source=config has no files to load from; give {key}.tokenizer a source")

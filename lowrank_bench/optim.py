@@ -32,25 +32,15 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg, total_steps: int):
         raise LrbenchError("no trainable parameters for an optimizer: check method.targets and the task's head")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    wd_1d = cfg.weight_decay if cfg.get("decay_vectors", False) else 0.0
+    wd_1d = cfg.weight_decay if cfg.decay_vectors else 0.0
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                           {"params": no_decay, "weight_decay": wd_1d}) if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     total = int(cfg.get("schedule_steps") or total_steps)
     warmup = cfg.warmup_steps if cfg.get("warmup_steps") is not None else int(cfg.warmup_ratio * total)
-    schedule = cfg.get("schedule", "linear")
+    schedule = cfg.schedule
     if schedule not in SCHEDULES:
         raise LrbenchError(f"optimizer.schedule={schedule!r}; valid: {choices(SCHEDULES)}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_lambda, warmup=warmup, total=total, schedule=schedule))
     return optimizer, scheduler
-
-
-def endless(loader):
-    """Cycle a DataLoader forever; each pass reshuffles from the loader's seeded generator. The trainer draws its
-    batches from `batches.BatchStream`, which yields the same batches resumably; this is its reference in tests."""
-    epoch = 0
-    while True:
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1

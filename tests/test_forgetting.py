@@ -1,11 +1,11 @@
-"""Continual-learning measures on hand-made accuracy matrices, their CSV and figure, and the class diagnostics."""
+"""Continual-learning measures on hand-made accuracy matrices, their CSV and figure."""
 from __future__ import annotations
 
 import pytest
 
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.forgetting import (AccuracyMatrix, average_accuracy, average_forgetting, backward_transfer,
-                                      class_histogram, confusion, forgetting, is_degenerate, plot_forgetting)
+                                      forgetting, plot_forgetting)
 
 TASKS = ["mrpc", "sst2", "cola"]
 R = [[0.8, None, None],
@@ -113,30 +113,3 @@ def test_plot_mid_sequence_and_a_wrong_perplexity_count(tmp_path):
     with pytest.raises(LrbenchError, match="5 perplexities for 3 stages; give at most 4"):
         plot_forgetting(tmp_path / "bad.png", TASKS, R, [31.0, 33.5, 40.2, 41.0, 42.0])
     assert not (tmp_path / "bad.png").exists()
-
-
-# -- classification diagnostics -----------------------------------------------------------------------------------
-def test_confusion_rows_are_true_labels_and_columns_predictions():
-    preds = [0, 1, 1, 2, 0]
-    labels = [0, 1, 2, 2, 1]
-    assert confusion(preds, labels, num_labels=4) == [[1, 0, 0, 0],
-                                                      [1, 1, 0, 0],
-                                                      [0, 1, 1, 0],
-                                                      [0, 0, 0, 0]]
-    assert confusion([], [], num_labels=2) == [[0, 0], [0, 0]]
-    with pytest.raises(LrbenchError, match="predictions contain class 3, outside 0..2 for num_labels=3"):
-        confusion([0, 3], [0, 1], num_labels=3)
-    with pytest.raises(LrbenchError, match="2 predictions for 3 labels"):
-        confusion([0, 1], [0, 1, 1], num_labels=2)
-
-
-def test_class_histogram_counts_every_class():
-    assert class_histogram([0, 1, 1, 2, 0], num_labels=4) == [2, 2, 1, 0]
-    assert class_histogram([], num_labels=2) == [0, 0]
-
-
-def test_a_constant_predictor_is_degenerate():
-    assert is_degenerate([1, 1, 1])
-    assert is_degenerate([2])
-    assert not is_degenerate([1, 0, 1])
-    assert not is_degenerate([])

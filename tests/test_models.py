@@ -1,7 +1,6 @@
-"""Model resolution: local folders, packages, configs, the Hub's fast offline behaviour, and the GGUF cache."""
+"""Model resolution: local folders, packages, configs, and the GGUF cache (the Hub: tests/test_hub.py)."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -10,25 +9,11 @@ from omegaconf import OmegaConf
 
 from lowrank_bench import models
 from lowrank_bench.errors import LrbenchError
-from lowrank_bench.models import (Head, count_parameters, gguf_cache_folder, hub_access, is_decoder, load_model,
+from lowrank_bench.models import (Head, count_parameters, gguf_cache_folder, is_decoder, load_model,
                                   load_tokenizer, package_folder, resolve_location)
 from tests.conftest import CONF, base_model, batch_for, model_cfg
 
 DECODERS = {"gpt2-large", "gpt2-medium", "llama-3.1-8b", "llama-3.2-3b", "mistral-7b", "smollm2-135m", "tiny-gpt2", "tiny-gpt2-bpe", "tiny-llama"}
-
-
-def test_unreachable_hub_without_cache_fails_fast_and_says_what_to_do():
-    start = time.perf_counter()
-    with pytest.raises(LrbenchError, match=r"(?s)'org/absent' is not in the local Hugging Face cache.*model.path="):
-        hub_access("org/absent", "model.path")
-    assert time.perf_counter() - start < 5
-
-
-def test_unreachable_hub_with_cache_loads_locally(monkeypatch):
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: f"/cache/{repo}/{name}")
-    assert hub_access("org/cached", "model.path") == {"local_files_only": True}
 
 
 def test_local_folder_round_trip(tmp_path):

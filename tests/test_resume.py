@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 from lowrank_bench import checkpoint
 from lowrank_bench.batches import BatchStream, bounds
 from lowrank_bench.errors import LrbenchError
-from lowrank_bench.optim import endless
 from lowrank_bench.results import read_rows
 from lowrank_bench.train import run
 from tests.conftest import ROOT, compose_cfg
@@ -33,6 +32,16 @@ def collate(features: list[dict]) -> dict:
 
 def examples(n: int) -> list[dict]:
     return [{"i": i} for i in range(n)]
+
+
+def endless(loader):
+    """Cycle a DataLoader forever; each pass reshuffles from the loader's seeded generator: the reference that
+    `batches.BatchStream` (the trainer's resumable stream) must match batch for batch."""
+    epoch = 0
+    while True:
+        for batch in loader:
+            yield epoch, batch
+        epoch += 1
 
 
 def dataloader_streams(sizes, batch_size, generator):

@@ -55,10 +55,10 @@ from pathlib import Path
 
 import torch
 
+from lowrank_bench import hub
 from lowrank_bench.console import console
 from lowrank_bench.devices import autocast_for, pick_device
 from lowrank_bench.errors import LrbenchError, choices
-from lowrank_bench.models import hub_offline, hub_reachable, offline_message
 from lowrank_bench.tasks.base import local_data_folder
 from lowrank_bench.tasks.sft import Turn, encode_text, prompt_text, resolve_template, special_framing
 
@@ -184,19 +184,9 @@ def read_mapping(folder: Path | None) -> dict:
 
 def read_hub_items(cfg) -> list[Item]:
     """MMLU's Hub layout (cais/mmlu): question, subject, choices (a list), answer (an index)."""
-    import datasets
-
-    kwargs = {"path": cfg.hub, "name": cfg.hub_config, "split": cfg.hub_split}
-    if hub_reachable():
-        rows = datasets.load_dataset(**kwargs)
-    else:
-        with hub_offline():  # a copy in the local HF cache still loads, without the client's retries
-            try:
-                rows = datasets.load_dataset(**kwargs)
-            except Exception:
-                raise LrbenchError(offline_message("Dataset", cfg.hub, "eval.data_dir")
-                                   + "\nA local copy is a folder of <subject>.csv files (question, A, B, C, D, "
-                                     "answer).") from None
+    rows = hub.load_dataset(path=cfg.hub, name=cfg.hub_config, split=cfg.hub_split, shown=cfg.hub,
+                            override="eval.data_dir",
+                            local_copy="A local copy is a folder of <subject>.csv files (question, A, B, C, D, answer).")
     return [item_from_record(dict(r), str(r.get("subject", cfg.name)), f"{cfg.hub} row {i}")
             for i, r in enumerate(rows, start=1)]
 

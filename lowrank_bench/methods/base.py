@@ -153,7 +153,7 @@ class Method:
     def resolve_targets(self, target_sets: dict[str, list[str]]) -> list[str]:
         """`method.targets`: null (the model's default set), the name of one of the model's sets (e.g. `qkv`),
         or an explicit list of module names (suffixes, or `re:<regex>`)."""
-        targets = self.cfg.get("targets")
+        targets = self.cfg.targets
         if targets is None:
             return list(target_sets["default"])
         if isinstance(targets, str):

@@ -120,21 +120,19 @@ class BiDoRA(DoRA):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        for key, default, valid in (("orientation", "standard", ORIENTATIONS), ("init_a", "kaiming", A_INITS),
-                                    ("scale", "alpha_over_r", SCALES)):
-            if cfg.get(key, default) not in valid:
-                raise LrbenchError(f"method.{key}={cfg.get(key)!r}; valid: {', '.join(valid)}")
+        for key, valid in (("orientation", ORIENTATIONS), ("init_a", A_INITS), ("scale", SCALES)):
+            if cfg[key] not in valid:
+                raise LrbenchError(f"method.{key}={cfg[key]!r}; valid: {', '.join(valid)}")
 
     def make_layer(self, name: str, base: nn.Module) -> AdaptedLayer:
         c = self.cfg
-        if c.get("orientation", "standard") == "official":
+        if c.orientation == "official":
             return OfficialBiDoRALayer(base, c.r, name, detach_norm=c.detach_norm)
-        return BiDoRALayer(base, c.r, c.alpha, c.get("dropout", 0.0), c.get("rslora", False), name,
-                           detach_norm=c.detach_norm, init_a=c.get("init_a", "kaiming"),
-                           scale=c.get("scale", "alpha_over_r"))
+        return BiDoRALayer(base, c.r, c.alpha, c.dropout, c.rslora, name, detach_norm=c.detach_norm,
+                           init_a=c.init_a, scale=c.scale)
 
     def regularizer(self, model: nn.Module) -> torch.Tensor | None:
-        weight = self.cfg.get("direction_reg", 0.0)
+        weight = self.cfg.direction_reg
         if not weight:
             return None
         penalties = [layer.orthogonality_penalty() for layer in self.layers.values()]

@@ -91,21 +91,21 @@ class BiLoRA(Method):
         super().__init__(cfg)
         if cfg.lambda_param not in PARAMETERISATIONS:
             raise LrbenchError(f"method.lambda_param={cfg.lambda_param!r}; valid: {', '.join(PARAMETERISATIONS)}")
-        if cfg.get("init", "lora") not in INITS:
+        if cfg.init not in INITS:
             raise LrbenchError(f"method.init={cfg.init!r}; valid: {', '.join(INITS)}")
 
     def make_layer(self, name: str, base: nn.Module) -> BiLoRALayer:
         return BiLoRALayer(base, self.cfg.r, self.cfg.alpha, self.cfg.lambda_param, name,
-                           init=self.cfg.get("init", "lora"))
+                           init=self.cfg.init)
 
     def regularizer(self, model: nn.Module) -> torch.Tensor | None:
-        gamma1 = self.cfg.get("orth_reg", 0.0)
+        gamma1 = self.cfg.orth_reg
         if not gamma1:
             return None
         return gamma1 * torch.stack([l.orthogonality_penalty() for l in self.layers.values()]).mean()
 
     def upper_regularizer(self, model: nn.Module) -> torch.Tensor | None:
-        gamma2 = self.cfg.get("binary_reg", 0.0)
+        gamma2 = self.cfg.binary_reg
         if self.cfg.lambda_param != "binary" or not gamma2:
             return None
         lam = torch.cat([l.singular_values() for l in self.layers.values()])

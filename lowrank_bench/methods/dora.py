@@ -70,5 +70,4 @@ class DoRA(LoRA):
 
     def make_layer(self, name: str, base: nn.Module) -> DoRALayer:
         c = self.cfg
-        return DoRALayer(base, c.r, c.alpha, c.get("dropout", 0.0), c.get("rslora", False), name,
-                         detach_norm=c.get("detach_norm", True))
+        return DoRALayer(base, c.r, c.alpha, c.dropout, c.rslora, name, detach_norm=c.detach_norm)

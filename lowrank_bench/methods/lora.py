@@ -43,4 +43,4 @@ class LoRA(Method):
 
     def make_layer(self, name: str, base: nn.Module) -> LoRALayer:
         c = self.cfg
-        return LoRALayer(base, c.r, c.alpha, c.get("dropout", 0.0), c.get("rslora", False), name)
+        return LoRALayer(base, c.r, c.alpha, c.dropout, c.rslora, name)

@@ -42,12 +42,12 @@ class PeftBaseline(Method):
 
     @property
     def rank(self):
-        return (self.cfg.get("config") or {}).get("r")
+        return self.cfg.config.get("r")
 
     def apply(self, model: nn.Module, heads: list[str], target_sets: dict) -> dict[str, list[nn.Parameter]]:
         from peft import get_peft_model
 
-        options = OmegaConf.to_container(self.cfg.get("config") or {}, resolve=True)
+        options = OmegaConf.to_container(self.cfg.config, resolve=True)
         options.setdefault("target_modules", self.resolve_targets(target_sets))
         if self.peft_type == "ADALORA":
             options.setdefault("total_step", 1)  # replaced by the trainer's real step count in on_train_start

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from lowrank_bench import forgetting, metrics
+from lowrank_bench import metrics
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.models import Head
 from lowrank_bench.models import cache_dir as models_cache_dir
@@ -287,9 +287,9 @@ class ClassificationTask(Task):
         preds, labels = self.predict(model, split, batch_size, device, autocast or nullcontext)
         out = self.compute_metrics(preds, labels)
         if not self.head.regression:
-            out["confusion"] = forgetting.confusion(preds, labels, self.head.num_labels)
+            out["confusion"] = metrics.confusion(preds, labels, self.head.num_labels)
             out["predicted"] = [sum(p == c for p in preds) for c in range(self.head.num_labels)]  # the histogram
-            out["degenerate"] = forgetting.is_degenerate(preds)
+            out["degenerate"] = metrics.is_degenerate(preds)
         return out
 
     def compute_metrics(self, preds: list, labels: list) -> dict[str, float]:

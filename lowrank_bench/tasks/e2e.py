@@ -51,10 +51,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowrank_bench import e2e_metrics
+from lowrank_bench import e2e_metrics, hub
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError, choices
-from lowrank_bench.models import Head, hub_offline, hub_reachable, offline_message
+from lowrank_bench.models import Head
 from lowrank_bench.tasks.base import (Task, cached, check_text, fingerprint, local_data_folder, pad_batch,
                                       tokenizer_id)
 
@@ -70,14 +70,14 @@ Pair = dict  # {"mr": str, "ref": str}
 
 @dataclass(frozen=True)
 class Decoding:
-    """`task.generation`: beam search settings, checked once."""
+    """`task.generation`: beam search settings, checked once (their values: conf/task/e2e.yaml)."""
 
-    num_beams: int = 10
-    length_penalty: float = 0.8
-    no_repeat_ngram_size: int = 4
-    max_new_tokens: int = 64
-    early_stopping: str = "never"
-    batch_size: int | None = None  # MRs per generate call; None: the trainer's eval batch size
+    num_beams: int
+    length_penalty: float
+    no_repeat_ngram_size: int
+    max_new_tokens: int
+    early_stopping: str
+    batch_size: int | None  # MRs per generate call; None: the trainer's eval batch size
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -97,11 +97,14 @@ class Decoding:
 
     @classmethod
     def from_cfg(cls, cfg) -> "Decoding":
-        values = dict(cfg or {})
+        values = dict(cfg)
         unknown = sorted(set(values) - set(cls.__dataclass_fields__))
         if unknown:
             raise LrbenchError(f"unknown task.generation setting(s) {unknown}; valid: "
                                f"{choices(cls.__dataclass_fields__)}")
+        missing = sorted(set(cls.__dataclass_fields__) - set(values))
+        if missing:
+            raise LrbenchError(f"task.generation lacks {missing}; conf/task/e2e.yaml gives every setting")
         return cls(**values)
 
     def generate_kwargs(self, end_id: int, pad_id: int) -> dict:
@@ -167,15 +170,14 @@ def position_limit(model) -> int | None:
 
 class E2ETask(Task):
     head = Head("causal_lm")
-    metric = "BLEU"
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.metric = cfg.get("metric") or "BLEU"
+        self.metric = cfg.metric
         if self.metric not in e2e_metrics.METRICS:
             raise LrbenchError(f"task.metric={self.metric!r}; valid: {', '.join(e2e_metrics.METRICS)}")
-        self.decoding = Decoding.from_cfg(cfg.get("generation"))
-        self.label_smoothing = float(cfg.get("label_smoothing") or 0.0)
+        self.decoding = Decoding.from_cfg(cfg.generation)
+        self.label_smoothing = float(cfg.label_smoothing)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise LrbenchError(f"task.label_smoothing={self.label_smoothing}; choose 0 <= eps < 1 (LoRA: 0.1)")
         self.eval_on = self.option("eval_on", EVAL_ON)
@@ -245,18 +247,9 @@ class E2ETask(Task):
         return self.read_hub(split)
 
     def read_hub(self, split: str) -> list[Pair]:
-        import datasets
-
-        if hub_reachable():
-            ds = datasets.load_dataset(HUB_DATASET, split=split)
-        else:
-            with hub_offline():  # a copy in the local HF cache still loads, without the client's retries
-                try:
-                    ds = datasets.load_dataset(HUB_DATASET, split=split)
-                except Exception:
-                    raise LrbenchError(offline_message("Dataset", HUB_DATASET, "task.data_dir")
-                                       + f"\nAn E2E folder holds {', '.join(FILES.values())} (columns mr,ref); "
-                                       f"with only {FILES['validation']}, use task.split=dev_by_mr.") from None
+        ds = hub.load_dataset(HUB_DATASET, split=split, shown=HUB_DATASET,
+                              local_copy=f"An E2E folder holds {', '.join(FILES.values())} (columns mr,ref); "
+                                         f"with only {FILES['validation']}, use task.split=dev_by_mr.")
         mr_column, ref_column = HUB_COLUMNS
         pairs = []
         for row, record in enumerate(ds):
@@ -275,7 +268,7 @@ class E2ETask(Task):
         if eval_mrs >= len(mrs):
             raise LrbenchError(f"task.eval_mrs={eval_mrs} leaves nothing to train on: {FILES['validation']} has "
                                f"{len(mrs)} MRs; choose 2 <= eval_mrs < {len(mrs)}")
-        held_out = split_mrs(mrs, eval_mrs, int(self.cfg.get("split_seed") or 0))
+        held_out = split_mrs(mrs, eval_mrs, int(self.cfg.split_seed))
         return [p for p in pairs if (p["mr"] in held_out) == (split != self.train_split)]
 
     # -- tokenisation ---------------------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowrank_bench import metrics
+from lowrank_bench import hub, metrics
 from lowrank_bench.errors import LrbenchError, choices
-from lowrank_bench.models import Head, hub_offline, hub_reachable, offline_message
+from lowrank_bench.models import Head
 from lowrank_bench.tasks.base import ClassificationTask, Example, check_label, hub_only, read_text, shared_data_folder
 
 HUB_DATASET = "nyu-mll/glue"
@@ -139,18 +139,8 @@ class GlueTask(ClassificationTask):
         return {"text": text, "text_pair": pair, "label": label}
 
     def read_hub(self, split: str) -> list[Example]:
-        import datasets
-
         hub_split = "train" if split == "train" else self.spec.splits[split][1]
-        name = f"{HUB_DATASET}/{self.cfg.subset}"
-        if hub_reachable():
-            ds = datasets.load_dataset(HUB_DATASET, self.cfg.subset, split=hub_split)
-        else:
-            with hub_offline():  # a copy in the local HF cache still loads, without the client's retries
-                try:
-                    ds = datasets.load_dataset(HUB_DATASET, self.cfg.subset, split=hub_split)
-                except Exception:
-                    raise LrbenchError(offline_message("Dataset", name, "task.data_dir")) from None
+        ds = hub.load_dataset(HUB_DATASET, self.cfg.subset, split=hub_split, shown=f"{HUB_DATASET}/{self.cfg.subset}")
         a, b = self.spec.hub_text
         return [{"text": r[a], "text_pair": r[b] if b else None,
                  "label": float(r["label"]) if self.spec.regression else int(r["label"])} for r in ds]

@@ -38,9 +38,10 @@ from pathlib import Path
 import torch
 from rich.text import Text
 
+from lowrank_bench import hub
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError, choices
-from lowrank_bench.models import Head, hub_offline, hub_reachable, offline_message
+from lowrank_bench.models import Head
 from lowrank_bench.tasks.base import Example, Task, cached, fingerprint, local_data_folder, pad_batch, read_text
 
 TAG = re.compile(r"O|[BI]-\S+")
@@ -280,9 +281,9 @@ class NerTask(Task):
 
     def source_id(self) -> str:
         if self.folder is None:
-            hub = self.cfg.hub
-            return repr((hub.dataset, hub.get("revision"), dict(hub.splits), hub.tokens, hub.tags,
-                         list(hub.label_names or [])))
+            spec = self.cfg.hub
+            return repr((spec.dataset, spec.get("revision"), dict(spec.splits), spec.tokens, spec.tags,
+                         list(spec.label_names or [])))
         return repr([(split, str(p), p.stat().st_size, p.stat().st_mtime_ns) for split, p in self.paths.items()])
 
     def raw_split(self, split: str) -> list[Example]:
@@ -299,24 +300,14 @@ class NerTask(Task):
         return self.raw[split]
 
     def read_hub(self, split: str) -> list[Example]:
-        import datasets
-
-        hub = self.cfg.hub
-        name, source = str(hub.dataset), str(hub.splits[split])
-        kwargs = {"split": source, "revision": hub.get("revision")}
-        if hub_reachable():
-            ds = datasets.load_dataset(name, **kwargs)
-        else:
-            with hub_offline():  # a copy in the local HF cache still loads, without the client's retries
-                try:
-                    ds = datasets.load_dataset(name, **kwargs)
-                except Exception:
-                    raise LrbenchError(offline_message("Dataset", name, "task.data_dir")
-                                       + f"\nA local folder holds {self.layout()}.") from None
+        spec = self.cfg.hub
+        name, source = str(spec.dataset), str(spec.splits[split])
+        ds = hub.load_dataset(name, split=source, revision=spec.get("revision"), shown=name,
+                              local_copy=f"A local folder holds {self.layout()}.")
         names = self.hub_names(ds)
         self.feature_names = list(names or self.feature_names)
         sentences = []
-        for row, (words, raw) in enumerate(zip(ds[hub.tokens], ds[hub.tags]), start=1):
+        for row, (words, raw) in enumerate(zip(ds[spec.tokens], ds[spec.tags]), start=1):
             where = f"{name} {source} row {row}"
             if len(words) != len(raw):
                 raise LrbenchError(f"{where}: {len(words)} tokens but {len(raw)} tags")
@@ -334,17 +325,17 @@ class NerTask(Task):
 
     def hub_names(self, ds) -> list[str] | None:
         """Tag names for tag ids: `task.hub.label_names`, else the features' ClassLabel names; None: string tags."""
-        hub = self.cfg.hub
-        if hub.get("label_names"):
-            return [check_tag(str(t), f"task.hub.label_names of {hub.dataset}") for t in hub.label_names]
+        spec = self.cfg.hub
+        if spec.get("label_names"):
+            return [check_tag(str(t), f"task.hub.label_names of {spec.dataset}") for t in spec.label_names]
         features = getattr(ds, "features", None)  # datasets' Features: a dict of column -> feature
-        feature = features.get(hub.tags) if features is not None else None
+        feature = features.get(spec.tags) if features is not None else None
         names = getattr(getattr(feature, "feature", None), "names", None)  # a sequence of ClassLabel
         if names:
-            return [check_tag(str(t), f"{hub.dataset} features") for t in names]
-        column = ds[hub.tags]
+            return [check_tag(str(t), f"{spec.dataset} features") for t in names]
+        column = ds[spec.tags]
         if any(isinstance(v, int) for tags in column for v in tags):
-            raise LrbenchError(f"{hub.dataset}: the column {hub.tags!r} holds tag ids without names; list them in "
+            raise LrbenchError(f"{spec.dataset}: the column {spec.tags!r} holds tag ids without names; list them in "
                                "task.hub.label_names, in id order")
         return None
 

@@ -37,8 +37,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from lowrank_bench import hub
 from lowrank_bench.errors import LrbenchError, choices
-from lowrank_bench.models import Head, hub_offline, hub_reachable, offline_message
+from lowrank_bench.models import Head
 from lowrank_bench.tasks.base import (ClassificationTask, Example, built_in_data, check_label, check_text,
                                       local_data_folder)
 
@@ -223,21 +224,11 @@ class Sentiment140(SentimentTask):
         return examples(frame["text"], label_ids(frame["sentiment"], self.label_map, in_file(path, ",")))
 
     def read_hub(self, split: str) -> list[Example]:
-        import datasets
-
         source, limit = self.source[split], self.rows(split)
         hub_split = f"{source}[:{limit}]" if limit else source
-        revision = self.cfg.get("hub_revision")
-        if hub_reachable():
-            ds = datasets.load_dataset(S140_HUB, split=hub_split, revision=revision)
-        else:
-            with hub_offline():  # a copy in the local HF cache still loads, without the client's retries
-                try:
-                    ds = datasets.load_dataset(S140_HUB, split=hub_split, revision=revision)
-                except Exception:
-                    raise LrbenchError(offline_message("Dataset", S140_HUB, "task.data_dir")
-                                       + "\nA Sentiment140 folder holds train.csv and test.csv with the columns text "
-                                       "and sentiment (0, 2 or 4).") from None
+        ds = hub.load_dataset(S140_HUB, split=hub_split, revision=self.cfg.get("hub_revision"), shown=S140_HUB,
+                              local_copy="A Sentiment140 folder holds train.csv and test.csv with the columns text "
+                                         "and sentiment (0, 2 or 4).")
         raw = pd.Series([str(v) for v in ds["sentiment"]])
         return examples(ds["text"], label_ids(raw, self.label_map, lambda row: f"{S140_HUB} {source} row {row + 1}"))
 

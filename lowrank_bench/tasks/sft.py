@@ -75,9 +75,10 @@ from pathlib import Path
 import torch
 from rich.text import Text
 
+from lowrank_bench import hub
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError, choices
-from lowrank_bench.models import Head, hub_offline, hub_reachable, offline_message
+from lowrank_bench.models import Head
 from lowrank_bench.tasks.base import Task, data_source, local_data_folder, read_text
 
 TEMPLATES = ("auto", "chat", "llama3", "plain", "none")
@@ -332,7 +333,7 @@ class Source:
     path: Path | None  # a local file; None: the Hub
     hub: str | None
     hub_config: str | None
-    hub_split: str
+    hub_split: str | None
     columns: dict[str, tuple[str, ...]]
 
     def identity(self) -> str:
@@ -417,7 +418,8 @@ class SftTask(Task):
                 raise LrbenchError(f"{self.name}: dataset {s.name!r} has no Hub copy and no local file ({where}); put "
                                    f"{s.file}.json (CoLA: LLaMA-Factory/data/{s.file}.json) in task.data_dir, or "
                                    f"list your own files in task.files=[...]")
-            sources.append(Source(s.name, path, s.get("hub"), s.get("hub_config"), s.get("hub_split") or "train",
+            hub_split = s.hub_split if s.get("hub") else None  # a Hub copy names its split in the YAML
+            sources.append(Source(s.name, path, s.get("hub"), s.get("hub_config"), hub_split,
                                   candidates_from(s.get("columns"), task_columns)))
         return sources
 
@@ -461,20 +463,11 @@ class SftTask(Task):
 
     def read_hub(self, source: Source, limit: int | None) -> list[dict]:
         """The Hub dataset's rows; with `sample: first` only the first `limit`, streamed (OpenOrca has 4M)."""
-        import datasets
-
-        kwargs = {"path": source.hub, "name": source.hub_config, "split": source.hub_split}
-        if hub_reachable():
-            if limit and self.cfg.sample == "first":
-                return list(datasets.load_dataset(**kwargs, streaming=True).take(limit))
-            return list(datasets.load_dataset(**kwargs))
-        with hub_offline():  # a copy in the local HF cache still loads, without the client's retries
-            try:
-                return list(datasets.load_dataset(**kwargs))
-            except Exception:
-                raise LrbenchError(offline_message("Dataset", source.hub, "task.data_dir")
-                                   + f"\nA local copy is a JSON/JSONL/CSV file named {source.name} with instruction"
-                                     " and output columns (or prompt/response).") from None
+        first = limit if limit and self.cfg.sample == "first" else None
+        return list(hub.load_dataset(path=source.hub, name=source.hub_config, split=source.hub_split, first=first,
+                                     shown=source.hub,
+                                     local_copy=f"A local copy is a JSON/JSONL/CSV file named {source.name} with "
+                                                "instruction and output columns (or prompt/response)."))
 
     # -- encoding ---------------------------------------------------------------------------------------------
     def prepare(self, tokenizer, max_length: int) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from lowrank_bench import hub
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.models import load_tokenizer
 from lowrank_bench.results import read_rows
@@ -316,7 +317,7 @@ def test_hub_names_from_the_features_or_the_config(monkeypatch, wordpiece):
         return datasets.Dataset.from_dict(rows[split], features=features)
 
     monkeypatch.delenv("LRBENCH_DATA_DIR", raising=False)
-    monkeypatch.setattr(ner, "hub_reachable", lambda: True)
+    monkeypatch.setattr(hub, "reachable", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     task = build(task_cfg())
     task.prepare(wordpiece, 32)

@@ -10,9 +10,10 @@ from collections import Counter
 import pytest
 from omegaconf import OmegaConf
 
+from lowrank_bench import hub
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.models import load_tokenizer
-from lowrank_bench.tasks import build, sentiment
+from lowrank_bench.tasks import build
 from lowrank_bench.tasks.sentiment import AmazonReviews, Sentiment140
 from tests.conftest import CONF, DATA, model_cfg, needs_data
 
@@ -167,7 +168,7 @@ def test_sentiment140_hub_splits_revision_and_labels(monkeypatch):
             "train[:1000]": {"text": ["sad", "glum"], "sentiment": [0, 0]}}
     calls = []
     monkeypatch.delenv("LRBENCH_DATA_DIR", raising=False)
-    monkeypatch.setattr(sentiment, "hub_reachable", lambda: True)
+    monkeypatch.setattr(hub, "reachable", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split, revision: calls.append(
         (name, split, revision)) or rows[split])
     task = build(task_cfg("sentiment140"))
