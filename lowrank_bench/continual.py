@@ -8,7 +8,8 @@ What it keeps (measures in forgetting.py):
 - the perplexity curve.
 Files in the run folder: `accuracy_matrix.csv` and `forgetting.png` (accuracy of each task across the stages,
 perplexity on a second axis). The run's result row is one summary row: final average accuracy, backward transfer,
-average forgetting, perplexity before and after, each task's final accuracy, and the matrix file it comes from.
+average forgetting, perplexity before and after (with the corpus it scored, `ppl_corpus`, its text protocol,
+`ppl_protocol`, and the tokens scored, `ppl_tokens`), each task's final accuracy, and the matrix file it comes from.
 """
 from __future__ import annotations
 
@@ -32,11 +33,13 @@ class ContinualRun:
         self.matrix = forgetting.AccuracyMatrix(self.names)
         self.perplexities: list[float | None] = []
         self.final: dict[str, dict] = {}
-        self.corpus_ids = self.read_corpus(sequence.perplexity_corpus())
+        self.corpus = sequence.perplexity_corpus()
+        self.corpus_ids = self.read_corpus(self.corpus)
+        self.scored_tokens: int | None = None
 
-    def read_corpus(self, path: Path | None):
+    def read_corpus(self, corpus: perplexity.Corpus | None):
         """The corpus as token ids, tokenised once for every measurement of the run."""
-        if path is None:
+        if corpus is None:
             return None
         if not isinstance(self.bank.model, DecoderClassifier):
             console.print(f"[yellow]perplexity skipped: {self.bank.model.config.model_type} is not a causal LM")
@@ -44,7 +47,7 @@ class ContinualRun:
         if self.settings.mode not in perplexity.MODES:
             raise LrbenchError(f"task.perplexity.mode={self.settings.mode!r}; valid: none, "
                                f"{', '.join(perplexity.MODES)}")
-        text = perplexity.read_corpus(path)
+        text = corpus.text()
         return perplexity.corpus_ids(self.tokenizer, text, perplexity.MODES[self.settings.mode])
 
     # -- measurements -------------------------------------------------------------------------------------------
@@ -57,6 +60,7 @@ class ContinualRun:
                                   pc.get("max_tokens") or 10000, self.trainer.device, self.trainer.autocast,
                                   pc.get("corpus_tokens"))
         self.perplexities.append(result["perplexity"])
+        self.scored_tokens = result["tokens"]
         self.trainer.write_record({"perplexity_after": when, **result})
         console.print(f"perplexity ({pc.mode}) {when}: {result['perplexity']:.3f} over {result['tokens']} tokens")
 
@@ -89,12 +93,14 @@ class ContinualRun:
 
     # -- checkpoints (the trainer saves this with every checkpoint and puts it back on resume) --------------------
     def state_dict(self) -> dict:
-        return {"rows": self.matrix.rows, "perplexities": self.perplexities, "final": self.final}
+        return {"rows": self.matrix.rows, "perplexities": self.perplexities, "final": self.final,
+                "scored_tokens": self.scored_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         self.matrix.rows = [list(row) for row in state["rows"]]
         self.perplexities = list(state["perplexities"])
         self.final = dict(state["final"])
+        self.scored_tokens = state.get("scored_tokens")  # absent from checkpoints written before it was kept
 
     # -- outputs ------------------------------------------------------------------------------------------------
     def write_files(self) -> None:
@@ -113,7 +119,10 @@ class ContinualRun:
                "average_forgetting": summary["average_forgetting"],
                "ppl_before": self.perplexities[0] if self.perplexities else None,
                "ppl_after": self.perplexities[-1] if self.perplexities else None,
-               "ppl_mode": self.settings.mode}
+               "ppl_mode": self.settings.mode,
+               "ppl_corpus": self.corpus.label if self.corpus_ids is not None else None,
+               "ppl_protocol": perplexity.MODES.get(self.settings.mode) if self.corpus_ids is not None else None,
+               "ppl_tokens": self.scored_tokens}
         for name in self.names:
             out[f"final_accuracy_{name}"] = self.matrix.rows[-1][self.names.index(name)]
         for name, value in summary["forgetting"].items():

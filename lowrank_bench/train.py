@@ -94,7 +94,7 @@ def prepare(cfg: DictConfig) -> Setup:
     if not isinstance(task, ContinualTask):
         return Setup(task, method, method.wrap(model), groups, parameter_counts(model, groups.get("head", [])),
                      tokenizer, load_info, mc=mc, mc_before=mc_before)
-    bank = HeadBank(model, heads[0], cfg.task.head_protocol)
+    bank = HeadBank(model, heads[0], cfg.task.head_protocol, task.poolings)
     task_heads = {}
     for index, plan in enumerate(task.plans):
         torch.manual_seed(cfg.seed + index)  # each task's head, independent of the others (CURLoRA's: 1311)

@@ -4,7 +4,12 @@ A sequence YAML names its stages in order (`sequence`) and defines each (`stages
 reuses (`task: glue/mrpc`, any file under conf/task/) plus per-stage overrides. Overrides of the task itself
 (`max_train_samples`, `max_eval_samples`, `max_length`, `data_dir`, `source`, ...) go into that task's config;
 `epochs` and `max_steps` go to the stage's budget; `lr`, `schedule`, `warmup_steps`, `warmup_ratio`, `weight_decay`
-and `schedule_steps` to its optimiser. A stage's task that cannot be built says which stage it is.
+and `schedule_steps` to its optimiser. A stage's task that cannot be built says which stage it is. Two stage keys
+choose how CURLoRA's notebooks differ (arXiv 2408.14572, `code/*.ipynb`):
+- `train_rows`: `seeded` (default: the fixed random subset of `max_train_samples` rows) or `first` (the first
+  `max_train_samples` rows in file order, the notebooks' `train_dataset[i:i+bs] for i in range(0, 1000, bs)`);
+- `pooling`: `last_token` (default: the last real token, heads.py) or `last_position` (the notebooks'
+  `logits[:, -1, :]`: right-padded rows are read at a pad position).
 
 `every_stage.<key>` overrides a key in every stage (from the command line: `task.every_stage.max_train_samples=200`;
 one stage: `+task.stages.mrpc.max_eval_samples=100`). `protocol` picks a named set of extra overrides from
@@ -20,12 +25,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from lowrank_bench import perplexity
 from lowrank_bench.errors import LrbenchError, choices
+from lowrank_bench.heads import POOLINGS
 from lowrank_bench.tasks.base import Task, data_dir
 
 TASK_CONF = Path(__file__).resolve().parents[2] / "conf" / "task"
 BUDGET_KEYS = ("epochs", "max_steps")
 OPTIMIZER_KEYS = ("lr", "schedule", "warmup_steps", "warmup_ratio", "weight_decay", "schedule_steps")
+TRAIN_ROWS = ("seeded", "first")
 
 
 def available_tasks() -> list[str]:
@@ -41,6 +49,7 @@ class StagePlan:
     task: Task
     budget: dict
     optimizer: dict
+    pooling: str = "last_token"
 
 
 class ContinualTask:
@@ -84,27 +93,49 @@ class ContinualTask:
         overrides.pop("task")
         budget = {k: overrides.pop(k) for k in BUDGET_KEYS if k in overrides}
         optimizer = {k: overrides.pop(k) for k in OPTIMIZER_KEYS if k in overrides}
+        train_rows = overrides.pop("train_rows", None) or "seeded"
+        pooling = overrides.pop("pooling", None) or "last_token"
+        if train_rows not in TRAIN_ROWS:
+            raise LrbenchError(f"task.stages.{name}.train_rows={train_rows!r}; valid: {choices(TRAIN_ROWS)}")
+        if pooling not in POOLINGS:
+            raise LrbenchError(f"task.stages.{name}.pooling={pooling!r}; valid: {choices(POOLINGS)}")
         task_cfg = OmegaConf.merge(OmegaConf.load(TASK_CONF / f"{task_name}.yaml"), overrides)
         try:
             task = build(task_cfg)
         except LrbenchError as err:  # say which stage, and where its settings go (task.source=hub means the stage's)
             raise LrbenchError(f"stage '{name}' of {self.name} (its settings: task.stages.{name}.<key>, or "
                                f"task.every_stage.<key>): {err}") from None
-        return StagePlan(name, task, budget, optimizer)
+        if train_rows == "first":
+            keep_first_rows(task)
+        return StagePlan(name, task, budget, optimizer, pooling)
 
     @property
     def tasks(self) -> list[Task]:
         return [p.task for p in self.plans]
 
-    def perplexity_corpus(self) -> Path | None:
-        """The perplexity text file: `perplexity.corpus`, else WikiText-2 valid under $LRBENCH_DATA_DIR."""
+    @property
+    def poolings(self) -> dict[str, str]:
+        return {p.name: p.pooling for p in self.plans}
+
+    def perplexity_corpus(self) -> perplexity.Corpus | None:
+        """The perplexity text: `perplexity.corpus` (a file or a named corpus, from `perplexity.source`), else
+        WikiText-2 valid under $LRBENCH_DATA_DIR (perplexity.resolve_corpus)."""
         pc = self.cfg.perplexity
         if pc.mode == "none":
             return None
-        if pc.get("corpus"):
-            return Path(str(pc.corpus)).expanduser()
-        shared = data_dir()
-        if shared is None:
-            raise LrbenchError("task.perplexity.corpus is not set and LRBENCH_DATA_DIR is unset: give "
-                               "task.perplexity.corpus=/path/to/wikitext-2/valid.txt, or task.perplexity.mode=none")
-        return shared / "wikitext-2" / "valid.txt"
+        return perplexity.resolve_corpus(pc.get("corpus") or None, pc.get("source") or "auto", data_dir())
+
+
+def keep_first_rows(task: Task) -> None:
+    """`train_rows: first`: the task keeps the first `max_train_samples` training rows in file order instead of its
+    seeded subset; the task's own subsample still sees the whole split (its checks, and its evaluation rows)."""
+    subsample = task.subsample
+
+    def first(examples: list[dict], split: str) -> list[dict]:
+        kept = subsample(examples, split)
+        if split != task.train_split:
+            return kept
+        limit = task.cfg.get("max_train_samples")
+        return examples[:limit] if limit else examples
+
+    task.subsample = first
