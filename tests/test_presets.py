@@ -102,6 +102,22 @@ def test_registry_names_only_its_own_runs_and_columns():
             assert set(variables.get("mean_of", [])) <= columns, name
 
 
+def test_colas_pissa_baseline_runs_llama_factorys_16_fast_svd_iterations_and_the_default_stays_4():
+    from omegaconf import OmegaConf
+
+    from lowrank_bench.methods.peft_baseline import peft_config
+
+    presets = sorted((CONF / "experiment" / "cola").glob("*.yaml"))
+    assert len(presets) == 12
+    for path in presets:
+        cfg = compose_cfg(f"experiment=cola/{path.stem}", "method=peft/pissa", "method.config.lora_alpha=16")
+        options = OmegaConf.to_container(cfg.method.config, resolve=True)
+        assert options["init_lora_weights"] == "pissa_niter_16", path.stem
+        assert peft_config("LORA", options).init_lora_weights == "pissa_niter_16"
+        assert compose_cfg(f"experiment=cola/{path.stem}").method.name == "cola"  # the preset's own method
+    assert compose_cfg("method=peft/pissa").method.config.init_lora_weights == "pissa_niter_4"
+
+
 @pytest.mark.parametrize("preset", ["curlora/gpt2_large_continual", "curlora/mistral_7b_continual"])
 def test_curlora_presets_use_the_notebooks_adamw_without_clipping(preset):
     """transformers.AdamW(model.parameters(), lr=lr): weight decay 0, eps 1e-6; the loops never clip (issue 23)."""
