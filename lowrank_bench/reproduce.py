@@ -315,8 +315,18 @@ def batches(points: list[dict]) -> list[dict[str, list]]:
 
 # -- running ------------------------------------------------------------------------------------------------------
 def sweep_command(block: dict[str, list]) -> list[str]:
+    """The sweep as `lrbench -m` arguments. Where a config group (experiment, method, ...) is swept, Hydra first
+    composes the config without the swept values (the default method), so a setting that only the swept group
+    defines (BiDoRA's method.orientation) is refused there: such sweeps set their dotted keys with `++` (add or
+    override). Every configuration was composed here with plain overrides first (Composer.keys), so a misspelt key
+    is still refused before any sweep."""
+    group_swept = any(len(values) > 1 and "." not in key and key != "seed" for key, values in block.items())
+
+    def name(key: str) -> str:
+        return f"++{key}" if group_swept and "." in key and not key.startswith(("~", "+")) else key
+
     return [sys.executable, "-m", "lowrank_bench.train", "-m",
-            *(f"{key}={','.join(hydra_value(v) for v in values)}" for key, values in block.items())]
+            *(f"{name(key)}={','.join(hydra_value(v) for v in values)}" for key, values in block.items())]
 
 
 def run_sweeps(blocks: list[dict[str, list]], csv_path: Path, output_dir: Path) -> list[str]:
