@@ -27,9 +27,21 @@ and no ξ factor. `darts_unrolled` is the finite difference of `unrolled` (the s
 tends to `first_order`; when w solves the lower problem, `neumann` (η < 2 / λ_max(H), K -> ∞) and `cg` (K = dim w,
 H positive definite, δ = 0) tend to the true hypergradient dL_upper(w*(λ), λ)/dλ.
 
-Unlike Betty, which perturbs every parameter of the lower module (the whole frozen backbone included), we perturb and
-differentiate only the lower level's trainable parameters, which is what the papers' V = {Delta V} means. Every
-evaluation of the lower loss inside one hypergradient replays the same random stream (dropout masks).
+What w is (`method.bilevel.perturb`). `trainable` (default): the lower level's trainable parameters, which is what
+the papers' V = {Delta V} means; v is taken, and w +- eps v applied, over them only. `whole_model`: every parameter
+of the model except the upper level's, the frozen backbone included. That is what Betty does (leopard-ai/betty
+cb6221f: problems/implicit_problem.py:83-84 `trainable_parameters()` is all of `module.parameters()`, as is
+problems/problem.py:850-854 `meta_trainable_parameters()`; hypergradient/__init__.py:24-31 takes v over them and
+hypergradient/darts.py:37-38, 49-50 perturbs them), so what the official BiDoRA runs: its lower module is the whole
+RoBERTa, never frozen (digest B2). Then v has the frozen weights' entries, ||v|| (so eps) is taken over all of them,
+and M.v gains the mixed terms through the backbone (d2 L_lower / dm dW0). Nothing trains that did not: the frozen
+parameters are only perturbed and restored by copy. Any mode accepts it (the unrolled modes' virtual step then moves
+the whole model too); the official runs are `darts`. Cost: v and two copies of the model's parameters, and a
+backward through every weight.
+
+Every evaluation of the lower loss inside one hypergradient replays the same random stream (dropout masks); Betty
+does not (its +eps and -eps passes draw fresh dropout masks in train mode), and restores w by adding eps v back,
+where we copy w back.
 """
 from __future__ import annotations
 
@@ -48,6 +60,7 @@ if TYPE_CHECKING:
     from lowrank_bench.trainer import Trainer
 
 MODES = ("darts", "one_step_exact", "unrolled", "darts_unrolled", "neumann", "cg", "first_order")
+PERTURBATIONS = ("trainable", "whole_model")  # method.bilevel.perturb: see the module docstring
 ALIASES = {"exact": "one_step_exact"}  # the old name of one_step_exact, still accepted
 NEEDS_DOUBLE_BACKWARD = ("one_step_exact", "unrolled", "neumann", "cg")
 IMPLICIT_DEFAULTS = {"neumann_iterations": 3, "neumann_eta": 1.0, "cg_iterations": 3, "cg_damping": 0.0}
@@ -210,10 +223,12 @@ def conjugate_gradient(hessian: Callable[[Vectors], Vectors], v: Vectors, iterat
 
 def direct_and_v(upper_loss: Callable[[], torch.Tensor], upper: Params, lower: Params,
                  sum_: Sum) -> tuple[Vectors, Vectors, torch.Tensor]:
-    """∂λ L_upper and v = ∂w L_upper (summed over ranks with the loss), and the loss."""
-    loss = upper_loss()
-    total = loss.detach().reshape(1).clone()
-    grads = grads_or_zeros(loss, [*upper, *lower])
+    """∂λ L_upper and v = ∂w L_upper (summed over ranks with the loss), and the loss. w may hold frozen parameters
+    (`perturb: whole_model`): they require grad for this pass only."""
+    with requires_grad(lower, True):
+        loss = upper_loss()
+        total = loss.detach().reshape(1).clone()
+        grads = grads_or_zeros(loss, [*upper, *lower])
     sum_([*grads, total])
     return grads[: len(upper)], [g.detach() for g in grads[len(upper):]], total[0]
 
@@ -303,6 +318,20 @@ def use_eager_attention(model: torch.nn.Module) -> None:
         model.set_attn_implementation("eager")
 
 
+def perturbed_parameters(model: torch.nn.Module, lower: Params, upper: Params, perturb: str) -> list:
+    """w of the implicit term (`method.bilevel.perturb`, see the module docstring): the lower level's parameters
+    (`trainable`), or every parameter of `model` but the upper level's (`whole_model`, Betty's), lower ones included
+    even if the model did not hold them."""
+    if perturb == "trainable":
+        return list(lower)
+    if perturb != "whole_model":
+        raise LrbenchError(f"method.bilevel.perturb={perturb!r}; valid: {choices(PERTURBATIONS)}")
+    upper_ids = {id(p) for p in upper}
+    params = [p for p in model.parameters() if id(p) not in upper_ids]
+    held = {id(p) for p in params}
+    return params + [p for p in lower if id(p) not in held]
+
+
 # -- data split -------------------------------------------------------------------------------------------------
 def split_indices(n: int, lower_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     if not 0.0 < lower_fraction < 1.0:
@@ -345,6 +374,8 @@ class BiLevel:
         self.options = implicit_options(loop.method.cfg.get("bilevel") or {})
         self.loop, self.task, self.b = loop, stage.task, b
         self.lower, self.upper = b.lower, b.upper
+        self.perturb = b.perturb
+        self.perturbed = perturbed_parameters(loop.model, b.lower, b.upper, b.perturb)  # w of the implicit term
         lower_data, upper_data, split = split_data(stage.task, b)  # seeded: the same on every data-parallel rank
         if len(set(loop.dp.gather(json.dumps(split)))) > 1:
             raise LrbenchError("the data-parallel ranks drew different lower/upper splits: their training data "
@@ -416,12 +447,13 @@ class BiLevel:
             return loss if reg is None else loss + reg
 
         xi = self.optimizer.param_groups[0]["lr"]
+        w = self.perturbed  # the lower level's parameters, or the whole model's (method.bilevel.perturb)
         if loop.dp.active:
             upper_share, lower_share = self.upper_batches.share, self.last_lower_share
             return data_parallel_hypergradient(lambda: upper_loss() * upper_share, lambda: lower_loss() * lower_share,
-                                               self.upper, self.lower, self.mode, self.b.darts_alpha, loop.dp.sum_,
+                                               self.upper, w, self.mode, self.b.darts_alpha, loop.dp.sum_,
                                                xi, **self.options)
-        return hypergradient(upper_loss, lower_loss, self.upper, self.lower, self.mode, self.b.darts_alpha, xi,
+        return hypergradient(upper_loss, lower_loss, self.upper, w, self.mode, self.b.darts_alpha, xi,
                              **self.options)
 
     def step(self) -> dict[str, torch.Tensor]:
@@ -435,7 +467,8 @@ class BiLevel:
         return {"lr_lower": self.optimizer.param_groups[0]["lr"], "lr_upper": self.upper_optimizer.param_groups[0]["lr"]}
 
     def summary(self) -> dict:
-        return {"hypergradient": self.mode, "lower_size": self.sizes[0], "upper_size": self.sizes[1],
+        return {"hypergradient": self.mode, "perturb": self.perturb, "lower_size": self.sizes[0],
+                "upper_size": self.sizes[1],
                 "T1": self.b.lower_steps, "T2": self.b.upper_steps, **self.counts}
 
     def state(self) -> tuple[dict, dict[str, torch.Tensor], dict]:

@@ -36,6 +36,7 @@ class Bilevel:
     darts_alpha: float
     upper_optimizer: DictConfig
     seed: int  # of the lower/upper split
+    perturb: str = "trainable"  # what the implicit term differentiates and perturbs: trainable | whole_model
 
 
 @dataclass
@@ -87,7 +88,8 @@ def stages_for(task: Task, method, groups: dict[str, Params], method_cfg: DictCo
     bc = method_cfg.bilevel
     lower, upper = params_of(method, groups, "lower"), params_of(method, groups, "upper")
     rule = Bilevel(lower, upper, bc.lower_fraction, bc.get("upper_set"), int(bc.lower_steps), int(bc.upper_steps),
-                   bc.hypergradient, bc.darts_alpha, overridden(optimizer, **bc.upper_optimizer), seed)
+                   bc.hypergradient, bc.darts_alpha, overridden(optimizer, **bc.upper_optimizer), seed,
+                   bc.get("perturb") or "trainable")
     search = Stage("search" if name == "train" else name, task, groups, optimizer, epochs, max_steps, rule, head=head)
     rc = method_cfg.get("retrain")
     if not (rc and rc.enabled):
