@@ -238,8 +238,10 @@ class Trainer:
 
     # -- data and steps -----------------------------------------------------------------------------------------
     def stream(self, examples: list[dict], task: Task) -> BatchStream:
-        """Shuffled passes over `examples` from the run's generator (a DataLoader's batches and draws, resumable)."""
-        return BatchStream(examples, self.tc.batch_size, task.collate, self.generator, self.dp.rank, self.dp.world)
+        """Shuffled passes over `examples` from the run's generator (a DataLoader's batches and draws, resumable), or
+        passes in file order when the task asks for them."""
+        return BatchStream(examples, self.tc.batch_size, task.collate, self.generator, self.dp.rank, self.dp.world,
+                           shuffle=task.shuffle_train)
 
     def steps_for(self, n_examples: int, task: Task, epochs: float, max_steps: int | None) -> int:
         """Optimiser steps of a stage: `max_steps`, or `epochs` passes over `n_examples`."""

@@ -289,6 +289,13 @@ def test_train_rows_first_keeps_the_first_rows_in_file_order_and_pooling_reaches
     seeded = s.tokenizer([rows[i]["text"] for i in sorted(order[:100])], truncation=True, max_length=32)["input_ids"]
     assert [f["input_ids"] for f in second] == seeded != expected[:100]
     assert [p.pooling for p in s.task.plans] == ["last_token", "last_position"]
+    first_stream = trainer.stream(first, s.task.plans[0].task)  # the notebooks' order, every pass
+    labels = [f["labels"] for f in first]
+    batch_size = cfg.trainer.batch_size
+    in_order = [labels[i:i + batch_size] for i in range(0, len(first), batch_size)]  # 200 rows: the last batch is short
+    assert [next(first_stream)[1]["labels"].tolist() for _ in range(2 * len(in_order))] == in_order * 2
+    second_stream = trainer.stream(second, s.task.plans[1].task)  # seeded rows: reshuffled
+    assert next(second_stream)[1]["labels"].tolist() != [f["labels"] for f in second][:batch_size]
     s.bank.use("second")
     assert s.model.pooling == "last_position"
     s.bank.use("first")

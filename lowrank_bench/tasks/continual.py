@@ -6,8 +6,9 @@ reuses (`task: glue/mrpc`, any file under conf/task/) plus per-stage overrides. 
 `epochs` and `max_steps` go to the stage's budget; `lr`, `schedule`, `warmup_steps`, `warmup_ratio`, `weight_decay`
 and `schedule_steps` to its optimiser. A stage's task that cannot be built says which stage it is. Two stage keys
 choose how CURLoRA's notebooks differ (arXiv 2408.14572, `code/*.ipynb`):
-- `train_rows`: `seeded` (default: the fixed random subset of `max_train_samples` rows) or `first` (the first
-  `max_train_samples` rows in file order, the notebooks' `train_dataset[i:i+bs] for i in range(0, 1000, bs)`);
+- `train_rows`: `seeded` (default: the fixed random subset of `max_train_samples` rows, reshuffled every pass) or
+  `first` (the first `max_train_samples` rows, every pass in file order: the notebooks'
+  `train_dataset[i:i+bs] for i in range(0, 1000, bs)`);
 - `pooling`: `last_token` (default: the last real token, heads.py) or `last_position` (the notebooks'
   `logits[:, -1, :]`: right-padded rows are read at a pad position).
 
@@ -128,8 +129,10 @@ class ContinualTask:
 
 def keep_first_rows(task: Task) -> None:
     """`train_rows: first`: the task keeps the first `max_train_samples` training rows in file order instead of its
-    seeded subset; the task's own subsample still sees the whole split (its checks, and its evaluation rows)."""
+    seeded subset, and trains on them in that order every pass; the task's own subsample still sees the whole split
+    (its checks, and its evaluation rows)."""
     subsample = task.subsample
+    task.shuffle_train = False
 
     def first(examples: list[dict], split: str) -> list[dict]:
         kept = subsample(examples, split)
