@@ -299,7 +299,7 @@ def test_bilora_cola_and_lotr_have_tables_at_both_scales_whose_paper_cells_say_n
     lotr = {(c.run, c.column): c for c in plan(registry, "full", ["lotr_glue_ranks"])[0].cells}
     table = plan(registry, "full", ["lotr_glue_ranks"])[0]
     assert lotr[("LoTR r=8", "MRPC")].metric == "f1"  # the repository's MRPC values: most likely F1
-    assert table.seeds_of(lotr[("LoRA r=8", "RTE")]) == [0, 1, 2] and table.seeds_of(lotr[("LoRA r=8", "MRPC")]) == [0]
+    assert {tuple(table.seeds_of(c)) for c in table.cells} == {(0, 1, 2)}  # every repository value: a mean of 2-3 runs
     assert dict(lotr[("LoRA r=8", "MRPC")].overrides)["method.init_a"] == "kaiming_fan_rank"
     assert "F1" in table.note
     lotr_paper = plan(registry, "full", ["lotr_glue"])[0]
@@ -313,6 +313,7 @@ def test_bidora_tables_compare_the_official_rows_and_carry_table_4():
     cells = {(c.run, c.column): c for c in table.cells}
     official = cells[("R_l BiDoRA (official)", "MNLI")]
     assert dict(official.overrides)["method.orientation"] == "official"
+    assert dict(official.overrides)["trainer.precision"] == "fp32"  # the official runs never autocast
     assert dict(official.overrides)["method.bilevel.perturb"] == "whole_model" and official.metric == \
         "matched_mismatched_accuracy"
     assert reproduce.paper_for(table, official, papers)["value"] == "90.6"  # the paper's R_l BiDoRA MNLI
