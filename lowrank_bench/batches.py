@@ -12,6 +12,9 @@ stage) interleave their draws as the DataLoaders did. What a DataLoader with a R
    `randperm(n)`, drawn when the BatchSampler asks for an index after the n-th: while filling the last batch when
    that batch is short, or at the request after it when it is full (that request then opens the next pass).
 
+`shuffle=False` serves every pass in the examples' own order and draws nothing (CURLoRA's notebooks:
+`train_dataset[i:i+bs] for i in range(0, n, bs)` each epoch).
+
 The stream's position is plain state (pass, the pass's permutation, examples served, whether the discarded
 permutation was drawn), saved by a checkpoint and put back on resume.
 
@@ -28,8 +31,9 @@ import torch
 
 class BatchStream:
     def __init__(self, examples: list[dict], batch_size: int, collate: Callable[[list[dict]], dict],
-                 generator: torch.Generator, rank: int = 0, world: int = 1):
+                 generator: torch.Generator, rank: int = 0, world: int = 1, shuffle: bool = True):
         self.examples, self.batch_size, self.collate, self.generator = examples, int(batch_size), collate, generator
+        self.shuffle = shuffle
         self.rank, self.world = rank, world
         self.epoch = 0
         self.order: torch.Tensor | None = None  # this pass's permutation; None until the pass's first request
@@ -48,7 +52,8 @@ class BatchStream:
                 self.draw_permutation()
             self.epoch, self.order = self.epoch + 1, None
         if self.order is None:
-            torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the loader iterator's base seed
+            if self.shuffle:
+                torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the loader iterator's seed
             self.order = self.draw_permutation()
             self.position, self.tail_drawn = 0, False
         indices = self.order[self.position: self.position + self.batch_size].tolist()
@@ -59,6 +64,8 @@ class BatchStream:
         return self.epoch, self.collate([self.examples[i] for i in self.local(indices)])
 
     def draw_permutation(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(len(self.examples))
         return torch.randperm(len(self.examples), generator=self.generator)
 
     def local(self, indices: list[int]) -> list[int]:

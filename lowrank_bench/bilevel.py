@@ -10,15 +10,31 @@ import math
 import torch
 
 from lowrank_bench.errors import LrbenchError, choices
-from lowrank_bench.hypergradient import (IMPLICIT_DEFAULTS, NEEDS_DOUBLE_BACKWARD, canonical_mode, hypergradient,
-                                         requires_grad)
+from lowrank_bench.hypergradient import (IMPLICIT_DEFAULTS, NEEDS_DOUBLE_BACKWARD, Params, canonical_mode,
+                                         hypergradient, requires_grad)
 from lowrank_bench.optim import make_optimizer
+
+PERTURBATIONS = ("trainable", "whole_model")  # method.bilevel.perturb: see hypergradient.py's docstring
 
 
 def use_eager_attention(model: torch.nn.Module) -> None:
     """Fused attention kernels have no double backward; the exact Hessian-vector products need plain attention."""
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
+
+
+def perturbed_parameters(model: torch.nn.Module, lower: Params, upper: Params, perturb: str) -> list:
+    """w of the implicit term (`method.bilevel.perturb`, see hypergradient.py's docstring): the lower level's
+    parameters (`trainable`), or every parameter of `model` but the upper level's (`whole_model`, Betty's), lower ones
+    included even if the model did not hold them."""
+    if perturb == "trainable":
+        return list(lower)
+    if perturb != "whole_model":
+        raise LrbenchError(f"method.bilevel.perturb={perturb!r}; valid: {choices(PERTURBATIONS)}")
+    upper_ids = {id(p) for p in upper}
+    params = [p for p in model.parameters() if id(p) not in upper_ids]
+    held = {id(p) for p in params}
+    return params + [p for p in lower if id(p) not in held]
 
 
 # -- data split -------------------------------------------------------------------------------------------------
@@ -63,6 +79,8 @@ class BiLevel:
         self.options = implicit_options(loop.method.cfg.get("bilevel") or {})
         self.loop, self.task, self.b = loop, stage.task, b
         self.lower, self.upper = b.lower, b.upper
+        self.perturb = b.perturb
+        self.perturbed = perturbed_parameters(loop.model, b.lower, b.upper, b.perturb)  # w of the implicit term
         lower_data, upper_data, split = split_data(stage.task, b)  # seeded: the same on every data-parallel rank
         if len(set(loop.dp.gather(json.dumps(split)))) > 1:
             raise LrbenchError("the data-parallel ranks drew different lower/upper splits: their training data "
@@ -134,11 +152,12 @@ class BiLevel:
             return loss if reg is None else loss + reg
 
         xi = self.optimizer.param_groups[0]["lr"]
+        w = self.perturbed  # the lower level's parameters, or the whole model's (method.bilevel.perturb)
         if loop.dp.active:
             upper_share, lower_share = self.upper_batches.share, self.last_lower_share
             return hypergradient(lambda: upper_loss() * upper_share, lambda: lower_loss() * lower_share,
-                                 self.upper, self.lower, self.mode, self.b.darts_alpha, xi, loop.dp.sum_, **self.options)
-        return hypergradient(upper_loss, lower_loss, self.upper, self.lower, self.mode, self.b.darts_alpha, xi,
+                                 self.upper, w, self.mode, self.b.darts_alpha, xi, loop.dp.sum_, **self.options)
+        return hypergradient(upper_loss, lower_loss, self.upper, w, self.mode, self.b.darts_alpha, xi,
                              **self.options)
 
     def step(self) -> dict[str, torch.Tensor]:
@@ -152,7 +171,8 @@ class BiLevel:
         return {"lr_lower": self.optimizer.param_groups[0]["lr"], "lr_upper": self.upper_optimizer.param_groups[0]["lr"]}
 
     def summary(self) -> dict:
-        return {"hypergradient": self.mode, "lower_size": self.sizes[0], "upper_size": self.sizes[1],
+        return {"hypergradient": self.mode, "perturb": self.perturb, "lower_size": self.sizes[0],
+                "upper_size": self.sizes[1],
                 "T1": self.b.lower_steps, "T2": self.b.upper_steps, **self.counts}
 
     def state(self) -> tuple[dict, dict[str, torch.Tensor], dict]:

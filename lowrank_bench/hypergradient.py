@@ -28,9 +28,21 @@ and no ξ factor. `darts_unrolled` is the finite difference of `unrolled` (the s
 tends to `first_order`; when w solves the lower problem, `neumann` (η < 2 / λ_max(H), K -> ∞) and `cg` (K = dim w,
 H positive definite, δ = 0) tend to the true hypergradient dL_upper(w*(λ), λ)/dλ.
 
-Unlike Betty, which perturbs every parameter of the lower module (the whole frozen backbone included), we perturb and
-differentiate only the lower level's trainable parameters, which is what the papers' V = {Delta V} means. Every
-evaluation of the lower loss inside one hypergradient replays the same random stream (dropout masks).
+What w is (`method.bilevel.perturb`, chosen by the bi-level rule: bilevel.perturbed_parameters). `trainable`
+(default): the lower level's trainable parameters, which is what the papers' V = {Delta V} means; v is taken, and
+w +- eps v applied, over them only. `whole_model`: every parameter of the model except the upper level's, the frozen
+backbone included. That is what Betty does (leopard-ai/betty cb6221f: problems/implicit_problem.py:83-84
+`trainable_parameters()` is all of `module.parameters()`, as is problems/problem.py:850-854
+`meta_trainable_parameters()`; hypergradient/__init__.py:24-31 takes v over them and hypergradient/darts.py:37-38,
+49-50 perturbs them), so what the official BiDoRA runs: its lower module is the whole RoBERTa, never frozen (digest
+B2). Then v has the frozen weights' entries, ||v|| (so eps) is taken over all of them, and M.v gains the mixed terms
+through the backbone (d2 L_lower / dm dW0). Nothing trains that did not: the frozen parameters are only perturbed
+and restored by copy. Any mode accepts it (the unrolled modes' virtual step then moves the whole model too); the
+official runs are `darts`. Cost: v and two copies of the model's parameters, and a backward through every weight.
+
+Every evaluation of the lower loss inside one hypergradient replays the same random stream (dropout masks); Betty
+does not (its +eps and -eps passes draw fresh dropout masks in train mode), and restores w by adding eps v back,
+where we copy w back.
 """
 from __future__ import annotations
 
@@ -203,10 +215,12 @@ def conjugate_gradient(hessian: Callable[[Vectors], Vectors], v: Vectors, iterat
 
 def direct_and_v(upper_loss: Callable[[], torch.Tensor], upper: Params, lower: Params,
                  sum_: Sum) -> tuple[Vectors, Vectors, torch.Tensor]:
-    """∂λ L_upper and v = ∂w L_upper (summed over ranks with the loss), and the loss."""
-    loss = upper_loss()
-    total = loss.detach().reshape(1).clone()
-    grads = grads_or_zeros(loss, [*upper, *lower])
+    """∂λ L_upper and v = ∂w L_upper (summed over ranks with the loss), and the loss. w may hold frozen parameters
+    (`perturb: whole_model`): they require grad for this pass only."""
+    with requires_grad(lower, True):
+        loss = upper_loss()
+        total = loss.detach().reshape(1).clone()
+        grads = grads_or_zeros(loss, [*upper, *lower])
     sum_([*grads, total])
     return grads[: len(upper)], [g.detach() for g in grads[len(upper):]], total[0]
 

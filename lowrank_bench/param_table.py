@@ -4,8 +4,14 @@ applies it, and its tensors counted; beside them the counts the papers print (re
 
     python -m lowrank_bench.param_table [--paper results/paper_params.csv]
 
-The papers leave the task head out of their #Params, so the comparison is on the adapter's count; the head (a
-sequence classifier's, two labels) is shown apart. A decoder is counted as a causal LM: no head to train.
+Every #Params cell the papers print is a row of results/paper_params.csv, with what it counts (`counted`: adapter =
+the trainable tensors without the task head, as the papers' PEFT rows; trainable = every trainable tensor, head
+included, as a full fine-tuning row or a script's printout; total = every tensor), the recorded verdict (`status`:
+match | mismatch | not counted) and the reason of every mismatch and of every cell that cannot be counted here
+(no such model or method). The head (a sequence classifier's, two labels) is shown apart. A decoder is counted as a
+causal LM: no head to train. Nothing is hidden: every row is printed, every mismatch with its reason, and a verdict
+that differs from the recorded one (a count that changed, a mismatch recorded as a match, a mismatch without a
+reason) is an error: the command exits 1.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lowrank_bench import methods, models
@@ -72,20 +79,61 @@ def matches(ours: int, row: dict) -> bool:
     return round(ours / unit, int(row["decimals"] or 0)) == float(row["params"])
 
 
+STATUSES = ("match", "mismatch", "not counted")
+COUNTED = ("adapter", "trainable", "total")
+
+
+def ours_for(counts: dict[str, int], counted: str) -> int:
+    """The count the paper's cell is compared with: the adapter alone, everything trainable (head included), or the
+    whole model."""
+    if counted not in COUNTED:
+        raise LrbenchError(f"counted={counted!r} in {PAPER_PARAMS.name}: choose one of {', '.join(COUNTED)}")
+    return {"adapter": counts["adapter"], "trainable": counts["adapter"] + counts["head"],
+            "total": counts["total"]}[counted]
+
+
+def verdict(row: dict, ours: int | None) -> tuple[str, str]:
+    """(status, problem): what our count says of the cell, and why that disagrees with the CSV's record (or "")."""
+    recorded = row.get("status") or "match"
+    if recorded not in STATUSES:
+        return recorded, f"status {recorded!r}: choose one of {', '.join(STATUSES)}"
+    if ours is None:
+        status = "not counted"
+    else:
+        status = "match" if matches(ours, row) else "mismatch"
+    if status != recorded:
+        return status, f"recorded as {recorded}, counted as {status}"
+    if status != "match" and not row.get("reason"):
+        return status, f"a {status} without a reason"
+    return status, ""
+
+
 def comparison(rows: list[dict]) -> tuple[Table, list[dict]]:
-    table = Table(title="Trainable parameters without the head: ours (meta device) and the papers'")
-    for column in ("paper", "model", "method", "settings", "ours", "paper's", "", "head (apart)"):
+    table = Table(title="The papers' #Params: ours (meta device, exact) and theirs")
+    for column in ("paper", "table", "row", "model", "method", "settings", "counts", "ours", "paper's", "",
+                   "head (apart)"):
         table.add_column(column, justify="right" if column in ("ours", "paper's", "head (apart)") else "left")
     checked = []
     for row in rows:
         settings = row["overrides"].split()
-        ours = count(row["model"], row["method"], settings)
-        same = matches(ours["adapter"], row)
-        checked.append({**row, "ours": ours["adapter"], "match": same})
+        counted = row.get("counted") or "adapter"
+        counts = count(row["model"], row["method"], settings) if row["model"] and row["method"] else None
+        ours = ours_for(counts, counted) if counts else None
+        status, problem = verdict(row, ours)
+        checked.append({**row, "ours": ours, "match": status == "match", "verdict": status, "problem": problem})
         shown = f"{row['params']}{row['suffix']}"
-        gap = "" if same or row["unit"] else f" ({float(row['params']) - ours['adapter']:+,.0f})"
-        table.add_row(row["paper"], row["model"], row["method"], " ".join(settings), f"{ours['adapter']:,}", shown,
-                      "[green]=" if same else f"[red]≠{gap}", f"{ours['head']:,}")
+        if ours is None:
+            mark = "[yellow]not counted"
+        elif status == "match":
+            mark = "[green]="
+        else:
+            gap = "" if row["unit"] else f" ({float(row['params']) - ours:+,.0f})"
+            mark = f"[red]≠{gap}"
+        if problem:
+            mark += f" [bold red]UNEXPECTED: {escape(problem)}"
+        table.add_row(*map(escape, (row["paper"], row["table"], row.get("row", ""))), row["model"] or "–",
+                      row["method"] or "–", escape(" ".join(settings)), counted, f"{ours:,}" if ours is not None else "–", shown, mark,
+                      f"{counts['head']:,}" if counts else "–")
     return table, checked
 
 
@@ -96,14 +144,30 @@ def main(argv: list[str] | None = None) -> None:
     table, checked = comparison(read_paper_params(args.paper))
     console = Console()
     if not console.is_terminal:
-        console = Console(width=160)
+        console = Console(width=200)
     console.print(table)
-    mismatches = [r for r in checked if not r["match"]]
-    console.print(f"{len(checked) - len(mismatches)} of {len(checked)} counts match the papers'.")
-    for reason in dict.fromkeys(r["reason"] or "no reason recorded" for r in mismatches):
-        console.print(f"≠ {', '.join(r['method'] + ' ' + r['overrides'] for r in mismatches if r['reason'] == reason)}: "
-                      f"{reason}")
+    console.print(summary(checked), markup=False, highlight=False)
+    return 1 if any(r["problem"] for r in checked) else 0
+
+
+def summary(checked: list[dict]) -> str:
+    """The verdicts counted, then every mismatch and every cell not counted with its reason, then every verdict
+    that disagrees with the CSV's record."""
+    by = {s: [r for r in checked if r["verdict"] == s] for s in STATUSES}
+    counted = len(by["match"]) + len(by["mismatch"])
+    lines = [f"{len(by['match'])} of {counted} counted cells match the papers' ({len(by['mismatch'])} mismatch); "
+             f"{len(by['not counted'])} not counted here."]
+    for status, mark in (("mismatch", "≠"), ("not counted", "?")):
+        rows = by[status]
+        for reason in dict.fromkeys(r["reason"] or "no reason recorded" for r in rows):
+            cells = ", ".join(f"{r['paper'].split(' (')[0]} {r.get('row', '')} {r['params']}{r['suffix']}"
+                              + (f" (ours {r['ours']:,})" if r["ours"] is not None else "")
+                              for r in rows if (r["reason"] or "no reason recorded") == reason)
+            lines.append(f"{mark} {cells}: {reason}")
+    lines += [f"UNEXPECTED {r['paper']} / {r['table']} / {r.get('row', '')}: {r['problem']}"
+              for r in checked if r["problem"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

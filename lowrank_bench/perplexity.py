@@ -19,22 +19,89 @@ Differences from the reference code, on purpose:
 - No special tokens are added (`add_special_tokens=False`): a corpus is one stream, not a sentence. CURLoRA's
   code tokenises with the default, which prepends a BOS token for Llama/Mistral tokenizers (none for GPT-2), so
   there its first scored token is predicted from BOS; here from the first text token.
-- The corpus here is a text file, not the `datasets` rows of wikitext-2-raw-v1 (test split) that CURLoRA reads.
+- GPT-2's window: the code scores `max_length=10000` tokens with the comment "only max_len for GPT2 and RoBERTa"
+  (`code/utils.py:30`; `max_len` is 256 for GPT-2, `utils.py:21`); the GPT-2 preset sets `max_tokens: 256`.
+
+Corpora (`resolve_corpus`): a text file, or the named corpus `wikitext-2-raw-v1/test`, CURLoRA's
+(`load_dataset("wikitext", "wikitext-2-raw-v1", split="test")`, blank rows dropped, the rest joined with no separator:
+`code/utils.py:12,16-18`), read from `$LRBENCH_DATA_DIR/wikitext-2/wiki.test.raw` (that text with its blank lines
+already dropped) or from the Hub's rows. Without a corpus the offline default is
+`$LRBENCH_DATA_DIR/wikitext-2/valid.txt` (the *tokenised* validation split: `<unk>`, " , " spacing).
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lowrank_bench.hub import load_dataset
 from lowrank_bench.errors import LrbenchError, choices
 
 MODES = {"strided": "standard", "single_window": "curlora"}  # mode -> text protocol
 PROTOCOLS = ("standard", "curlora")
 DEFAULT_MAX_CONTEXT = 1024
+
+
+# -- corpora ------------------------------------------------------------------------------------------------------
+WIKITEXT_HUB = "Salesforce/wikitext"  # where the Hub's `wikitext` (CURLoRA's load_dataset name) lives now
+# name -> (file under $LRBENCH_DATA_DIR, (Hub dataset, config, split))
+CORPORA = {"wikitext-2-raw-v1/test": ("wikitext-2/wiki.test.raw", (WIKITEXT_HUB, "wikitext-2-raw-v1", "test"))}
+DEFAULT_FILE = "wikitext-2/valid.txt"  # corpus null: the offline sequences' tokenised validation split
+SOURCES = ("auto", "local", "hub")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Where the perplexity text comes from: a file, or a Hub dataset's rows. `label` names it in the run's row."""
+
+    label: str
+    path: Path | None = None
+    hub: tuple[str, str, str] | None = None
+
+    def text(self) -> str:
+        return read_corpus(self.path) if self.path is not None else hub_text(*self.hub)
+
+
+def resolve_corpus(corpus: str | None, source: str = "auto", shared: Path | None = None) -> Corpus:
+    """`corpus`: a named corpus (CORPORA), a text file, or None (`$LRBENCH_DATA_DIR/wikitext-2/valid.txt`).
+    `source` (named corpora only): auto = the shared file when it is there, else the Hub; local; hub."""
+    if source not in SOURCES:
+        raise LrbenchError(f"task.perplexity.source={source!r}; valid: {choices(SOURCES)}")
+    if corpus is None:
+        if shared is None:
+            raise LrbenchError(f"task.perplexity.corpus is not set and LRBENCH_DATA_DIR is unset: give "
+                               f"task.perplexity.corpus=/path/to/{DEFAULT_FILE} (or one of: {choices(CORPORA)}), "
+                               "or task.perplexity.mode=none")
+        return Corpus(str(shared / DEFAULT_FILE), path=shared / DEFAULT_FILE)
+    corpus = str(corpus)
+    if corpus not in CORPORA:
+        if source == "hub":
+            raise LrbenchError(f"task.perplexity.source=hub with task.perplexity.corpus={corpus}, a file: the Hub "
+                               f"serves named corpora only; valid: {choices(CORPORA)}")
+        return Corpus(corpus, path=Path(corpus).expanduser())
+    relative, hub = CORPORA[corpus]
+    local = shared / relative if shared is not None else None
+    if source != "hub" and local is not None and local.is_file():
+        return Corpus(f"{corpus}: {local}", path=local)
+    if source == "local":
+        where = local if local is not None else f"$LRBENCH_DATA_DIR/{relative} (LRBENCH_DATA_DIR is unset)"
+        raise LrbenchError(f"task.perplexity.corpus={corpus} with task.perplexity.source=local: no file {where}; "
+                           "set LRBENCH_DATA_DIR to the shared data folder, or task.perplexity.source=hub")
+    return Corpus(f"{corpus}: hub {' '.join(hub)}", hub=hub)
+
+
+def hub_text(dataset: str, config: str, split: str) -> str:
+    """A Hub text dataset's rows joined with no separator: `datasets` gives blank lines as "" rows and keeps the
+    newline of every other row, so this is the text file (and CURLoRA's `"".join(s for s in rows if s != "")`)."""
+    rows = load_dataset(dataset, config, split=split, shown=f"{dataset} {config} {split}",
+                        override="task.perplexity.corpus",
+                        local_copy="Or keep task.perplexity.source=auto with LRBENCH_DATA_DIR set: the shared "
+                                   "folder holds wikitext-2/wiki.test.raw.")["text"]
+    return "".join(rows)
 
 
 # -- text ---------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -44,6 +44,7 @@ REGISTRY = PROJECT_ROOT / "conf" / "reproduce" / "tables.yaml"
 PAPERS = PROJECT_ROOT / "results" / "paper_numbers.csv"
 CONF = PROJECT_ROOT / "conf"
 MISSING = "missing"
+NOT_TRANSCRIBED = "not transcribed"   # a table none of whose published numbers is in paper_numbers.csv (yet)
 
 
 # -- the registry -------------------------------------------------------------------------------------------------
@@ -60,6 +61,8 @@ class Cell:
     overrides: tuple[tuple[str, object], ...] | None
     why: str = ""
     mean_of: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()      # this cell's seeds where its column sets its own (else the table's)
+    paper_row: str = ""              # the paper's row label where it is not the run's (`paper_row:` in its runs entry)
 
 
 @dataclass
@@ -75,6 +78,11 @@ class Table:
     compare: list[dict]
     scale: str
     skip: str | None = None
+    note: str = ""
+    transcribed: bool = True     # False: no source of the table has a row in paper_numbers.csv (yet)
+
+    def seeds_of(self, cell: Cell) -> list[int]:
+        return list(cell.seeds or self.seeds)
 
 
 def load_registry(path: Path = REGISTRY) -> dict:
@@ -99,30 +107,77 @@ def plan_table(name: str, spec: dict, scale: str, scales: dict, seeds: list[int]
     skip = at_scale.get("skip")
     keep_runs, keep_columns = at_scale.get("runs"), at_scale.get("columns")
     overrides = {**(scales[scale].get("overrides") or {}), **(at_scale.get("overrides") or {}), **(extra or {})}
+    # the seeds: the command line's, else the scale's (the table's at that scale, then the scale's own), else the
+    # column's own `seeds`, else the table's
+    forced = seeds or at_scale.get("seeds") or scales[scale].get("seeds")
     cells = []
     for run, template in spec["runs"].items():
         for column, variables in spec["columns"].items():
-            cells.append(plan_cell(run, template, column, variables, spec.get("unit", "percent"), skip,
-                                   keep_runs, keep_columns, at_scale.get("metric"), overrides, scale))
+            cell = plan_cell(run, template, column, variables, spec.get("unit", "percent"), skip,
+                             keep_runs, keep_columns, at_scale.get("metric"), overrides, scale)
+            if not forced and variables.get("seeds"):
+                cell = replace(cell, seeds=tuple(variables["seeds"]))
+            cells.append(cell)
     return Table(name, spec["title"], spec.get("sources", []), spec.get("paper_rows", "runs"),
-                 list(seeds or at_scale.get("seeds") or scales[scale].get("seeds") or spec["seeds"]),
-                 list(spec["runs"]), list(spec["columns"]), cells, spec.get("compare", []), scale, skip)
+                 list(forced or spec["seeds"]), list(spec["runs"]), list(spec["columns"]), cells,
+                 spec.get("compare", []), scale, skip, " ".join(str(spec.get("note", "")).split()))
 
 
 def plan_cell(run, template, column, variables, default_unit, skip, keep_runs, keep_columns, metric, overrides,
               scale) -> Cell:
     unit = variables.get("unit", default_unit)
+    paper_row = template.get("paper_row", "")
     if "mean_of" in variables:
-        return Cell(run, column, None, unit, None, mean_of=tuple(variables["mean_of"]))
+        return Cell(run, column, None, unit, None, mean_of=tuple(variables["mean_of"]), paper_row=paper_row)
     metric = metric or variables["metric"]
     if "paper_only" in template:
-        return Cell(run, column, metric, unit, None, template["paper_only"])
+        return Cell(run, column, metric, unit, None, template["paper_only"], paper_row=paper_row)
     if skip:
-        return Cell(run, column, metric, unit, None, f"not run at the {scale} scale: {skip}")
+        return Cell(run, column, metric, unit, None, f"not run at the {scale} scale: {skip}", paper_row=paper_row)
     if keep_runs is not None and run not in keep_runs or keep_columns is not None and column not in keep_columns:
-        return Cell(run, column, metric, unit, None, f"not in the {scale} scale's subset")
-    names = {k: v for k, v in variables.items() if k not in ("metric", "unit")}
-    return Cell(run, column, metric, unit, tuple({**fill(template, names), **overrides}.items()))
+        return Cell(run, column, metric, unit, None, f"not in the {scale} scale's subset", paper_row=paper_row)
+    names = {k: v for k, v in variables.items() if k not in COLUMN_KEYS}
+    settings = {k: v for k, v in template.items() if k not in RUN_KEYS}
+    return Cell(run, column, metric, unit, tuple({**fill(settings, names), **overrides}.items()), paper_row=paper_row)
+
+
+COLUMN_KEYS = ("metric", "unit", "seeds")     # a column's own settings; its other keys fill `{name}` in the runs
+RUN_KEYS = ("paper_row",)                    # a run's own settings; its other keys are Hydra overrides
+
+
+def add_published_cells(table: Table, papers: dict[tuple, dict]) -> Table:
+    """Every published number of the table's sources gets a cell: a row or column that results/paper_numbers.csv
+    has and tables.yaml does not is added as paper only (its cells missing on our side, and why). So a paper's
+    numbers are added with CSV rows alone; a run line in tables.yaml, when there is one, fills our side."""
+    sources = {(s["paper"], s["table"]) for s in table.sources}
+    published = [r for key, r in papers.items() if key[:2] in sources]
+    table.transcribed = bool(published)
+    by_runs = table.paper_rows == "runs"
+    rows_known = {c.paper_row or c.run for c in table.cells} if by_runs else set(table.columns)
+    columns_known = set(table.columns) if by_runs else {c.paper_row or c.run for c in table.cells}
+    units = {c.column: c.unit for c in table.cells}
+    for r in published:
+        paper_row, paper_column = r["row"], r["column"]
+        run, column = (paper_row, paper_column) if by_runs else (paper_column, paper_row)
+        if paper_row in rows_known and paper_column in columns_known:
+            continue
+        if run not in table.runs:
+            table.runs.append(run)
+        if column not in table.columns:
+            table.columns.append(column)
+        rows_known.add(paper_row), columns_known.add(paper_column)
+    have = {(c.run, c.column) for c in table.cells}
+    for run in table.runs:
+        for column in table.columns:
+            if (run, column) not in have:
+                unit = units.get(column) or next((p["unit"] for p in published if (p["row"], p["column"]) == (
+                    (run, column) if by_runs else (column, run))), None) or "percent"
+                table.cells.append(Cell(run, column, None, unit, None, "published only: no run or column of "
+                                        "conf/reproduce/tables.yaml makes this cell (add one there to run it)"))
+                units.setdefault(column, unit)
+    order = {(run, column): (i, j) for i, run in enumerate(table.runs) for j, column in enumerate(table.columns)}
+    table.cells.sort(key=lambda c: order[(c.run, c.column)])
+    return table
 
 
 def plan(registry: dict, scale: str, names: list[str] | None = None, seeds: list[int] | None = None,
@@ -217,7 +272,7 @@ def plan_runs(tables: list[Table], rows: list[dict]) -> Plan:
                 if cell.overrides is None or cell.overrides in result.errors:
                     continue
                 try:
-                    keys = composer.keys(cell.overrides, table.seeds)
+                    keys = composer.keys(cell.overrides, table.seeds_of(cell))
                 except Exception as err:  # noqa: BLE001 (a bad preset or override: that configuration only)
                     result.errors[cell.overrides] = f"{type(err).__name__}: {err}"
                     continue
@@ -260,8 +315,18 @@ def batches(points: list[dict]) -> list[dict[str, list]]:
 
 # -- running ------------------------------------------------------------------------------------------------------
 def sweep_command(block: dict[str, list]) -> list[str]:
+    """The sweep as `lrbench -m` arguments. Where a config group (experiment, method, ...) is swept, Hydra first
+    composes the config without the swept values (the default method), so a setting that only the swept group
+    defines (BiDoRA's method.orientation) is refused there: such sweeps set their dotted keys with `++` (add or
+    override). Every configuration was composed here with plain overrides first (Composer.keys), so a misspelt key
+    is still refused before any sweep."""
+    group_swept = any(len(values) > 1 and "." not in key and key != "seed" for key, values in block.items())
+
+    def name(key: str) -> str:
+        return f"++{key}" if group_swept and "." in key and not key.startswith(("~", "+")) else key
+
     return [sys.executable, "-m", "lowrank_bench.train", "-m",
-            *(f"{key}={','.join(hydra_value(v) for v in values)}" for key, values in block.items())]
+            *(f"{name(key)}={','.join(hydra_value(v) for v in values)}" for key, values in block.items())]
 
 
 def run_sweeps(blocks: list[dict[str, list]], csv_path: Path, output_dir: Path) -> list[str]:
@@ -295,6 +360,7 @@ class Result:
     diverged: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     paper: dict | None = None
+    paper_why: str = MISSING   # what the paper's side says without a number: missing | not transcribed
 
     @property
     def mean(self) -> float | None:
@@ -405,7 +471,10 @@ def paper_numbers(path: Path = PAPERS) -> dict[tuple, dict]:
 
 
 def paper_for(table: Table, cell: Cell, papers: dict[tuple, dict]) -> dict | None:
-    row, column = (cell.run, cell.column) if table.paper_rows == "runs" else (cell.column, cell.run)
+    """The published number of the cell: matched on (paper, table, row, column), the row being the run's
+    `paper_row` where it has one (a variant of a published row, e.g. BiDoRA (official) beside BiDoRA)."""
+    label = cell.paper_row or cell.run
+    row, column = (label, cell.column) if table.paper_rows == "runs" else (cell.column, label)
     for source in table.sources:
         found = papers.get((source["paper"], source["table"], row, column))
         if found:
@@ -420,8 +489,10 @@ def collect(table: Table, plan_: Plan, rows: list[dict], papers: dict[tuple, dic
         row_results = {}
         for cell in (c for c in table.cells if c.run == run):
             row_results[cell.column] = (derive(cell, row_results) if cell.mean_of
-                                        else collect_cell(cell, table.seeds, plan_, found))
+                                        else collect_cell(cell, table.seeds_of(cell), plan_, found))
             row_results[cell.column].paper = paper_for(table, cell, papers)
+            if not table.transcribed:
+                row_results[cell.column].paper_why = NOT_TRANSCRIBED
             results[(run, cell.column)] = row_results[cell.column]
     return results
 
@@ -496,13 +567,14 @@ def ours_text(r: Result) -> str:
 
 def paper_text(r: Result) -> str:
     if not r.paper:
-        return MISSING
+        return r.paper_why
     return r.paper["value"] + (f" ± {r.paper['paper_std']}" if r.paper.get("paper_std") else "")
 
 
 def line(table: Table, r: Result) -> list[str]:
     """One cell in the long table: ours, the seeds found of those planned, the paper's, and how they differ."""
-    planned = f"{len(r.values)}/{len(table.seeds)}" if r.cell.overrides is not None or r.cell.mean_of else "–"
+    planned = (f"{len(r.values)}/{len(table.seeds_of(r.cell))}" if r.cell.overrides is not None or r.cell.mean_of
+               else "–")
     notes = r.notes + ([f"paper: {r.paper['note']}"] if r.paper and r.paper.get("note") else [])
     return [r.cell.run, r.cell.column, ours_text(r), planned, paper_text(r),
             (r.paper.get("verified") or "–") if r.paper else "–", number(r.diff, r.cell.unit, signed=True),
@@ -515,7 +587,7 @@ HEADER = ["run", "column", "ours (mean ± std)", "seeds", "paper", "verified", "
 def grid(table: Table, results: dict[tuple, Result]) -> list[list[str]]:
     """The table in the paper's own layout, each cell `ours / paper` (header first)."""
     def text(r: Result) -> str:
-        return f"{ours_text(r) if r.values else '–'} / {paper_text(r) if r.paper else '–'}"
+        return f"{ours_text(r) if r.values else '–'} / {paper_text(r) if r.paper or not table.transcribed else '–'}"
 
     if table.paper_rows == "runs":
         return [["", *table.columns]] + [[run, *(text(results[(run, c)]) for c in table.columns)]
@@ -538,6 +610,15 @@ def intro(table: Table) -> list[str]:
               "(results/paper_numbers.csv; verified: yes = read from the repository or page itself, no = "
               "transcribed from the paper's table). Ours: mean ± std over seeds in the paper's unit (percent = "
               "x100). Within spread: |ours - paper| <= the std of our seeds.")]
+    if not table.transcribed:
+        lines.append(f"The paper's numbers are **{NOT_TRANSCRIBED}**: no row of results/paper_numbers.csv names "
+                     f"{sources}. Adding them is a matter of CSV rows alone (docs/reproducing.md).")
+    column_seeds = {c.column: c.seeds for c in table.cells if c.seeds}
+    if column_seeds:
+        lines.append("Seeds per column: " + "; ".join(f"{column}: {', '.join(map(str, s))}"
+                                                        for column, s in column_seeds.items()) + ".")
+    if table.note:
+        lines.append(f"Note: {table.note}")
     if table.scale != "full":
         lines.append("At this scale every run is a tiny random model on a toy task for a few steps: the numbers "
                      "test the pipeline from presets to tables, not the papers.")
@@ -649,7 +730,7 @@ def write_index(rendered: list[tuple[Table, dict[tuple, Result]]], output: Path,
              "|---|---|---|---|---|"]
     for table, results in rendered:
         ours = sum(bool(r.values) for r in results.values())
-        papers = sum(r.paper is not None for r in results.values())
+        papers = sum(r.paper is not None for r in results.values()) if table.transcribed else NOT_TRANSCRIBED
         both = sum(bool(r.values) and r.paper is not None for r in results.values())
         lines.append(f"| {table.title} | {ours}/{len(results)} | {papers} | {both} | [{table.name}.md]({table.name}.md),"
                      f" .tex, .png |")
@@ -687,7 +768,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     registry = load_registry(Path(args.registry))
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    tables = plan(registry, args.scale, args.table, seeds, parse_overrides(args.override))
+    papers = paper_numbers(Path(args.papers))
+    tables = [add_published_cells(t, papers)
+              for t in plan(registry, args.scale, args.table, seeds, parse_overrides(args.override))]
     output = Path(args.output or PROJECT_ROOT / registry["scales"][args.scale]["output"])
     csv_path = Path(args.csv) if args.csv else output / "runs.csv"
     plan_ = plan_runs(tables, read_rows(csv_path))
@@ -704,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if blocks and not args.collect_only:
         failed = run_sweeps(blocks, csv_path, PROJECT_ROOT / "outputs" / "reproduce" / args.scale)
-    rows, papers = read_rows(csv_path), paper_numbers(Path(args.papers))
+    rows = read_rows(csv_path)
     rendered = []
     for table in tables:
         results = collect(table, plan_, rows, papers)

@@ -79,16 +79,40 @@ def defined_or_none(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def final_stage(evals: list[dict]) -> list[dict]:
+    """The evaluations of the stage that made the reported model, the last one evaluated: all of them in a one-stage
+    run; with BiDoRA's retraining, the retraining's only (the official code keeps the search's and the retraining's
+    evaluations in separate lists, run_glue_bilevel.py:412, 503 and 553, 642), so that a search-phase score is never
+    reported as the retrained model's. A run that diverged before its last stage evaluated: the stage it reached."""
+    stage = evals[-1].get("stage")
+    return [r for r in evals if r.get("stage") == stage]
+
+
+def best_of(evals: list[dict], metric: str) -> dict:
+    return max(evals, key=lambda r: r[metric] if defined(r.get(metric)) else -math.inf)  # an undefined one: never
+
+
+def earlier_stages_best(evals: list[dict], metric: str) -> dict:
+    """`<stage>_best_<metric>` of every stage before the last (BiDoRA's `search_best_accuracy`): reported beside,
+    never as, the run's best."""
+    last_stage = evals[-1].get("stage")
+    stages = list(dict.fromkeys(r.get("stage") for r in evals if r.get("stage") not in (None, last_stage)))
+    return {f"{str(stage).replace('/', '_')}_best_{metric}":
+            defined_or_none(best_of([r for r in evals if r.get("stage") == stage], metric).get(metric))
+            for stage in stages}
+
+
 def best_and_last(evals: list[dict], metric: str) -> dict:
-    """The best evaluation (by `metric`) and the last one, every metric of each; `degenerate` when the last
-    evaluation's classifier predicted a single class on any evaluation split; a metric that could not be computed
-    keeps its reason (`last_meteor_error`) instead of a number."""
+    """The best evaluation (by `metric`) of the last stage (`final_stage`) and the last one, every metric of each;
+    `degenerate` when the last evaluation's classifier predicted a single class on any evaluation split; a metric
+    that could not be computed keeps its reason (`last_meteor_error`) instead of a number."""
     if not evals:
         raise RuntimeError("the run finished without an evaluation")
-    best = max(evals, key=lambda r: r[metric] if defined(r.get(metric)) else -math.inf)  # an undefined one: never
+    best = best_of(final_stage(evals), metric)
     last = evals[-1]
     names = [k for k, v in last.items() if is_metric(k, v)]
     return {**{f"best_{k}": defined_or_none(best.get(k)) for k in names}, "best_step": best["step"],
+            **earlier_stages_best(evals, metric),
             **{f"last_{k}": defined_or_none(last[k]) for k in names}, "last_step": last["step"],
             **{f"final_{k}": defined_or_none(v) for k, v in last.items() if k.startswith("train_") and defined(v)},
             **{f"last_{k}": v for k, v in last.items() if k.endswith("_error") and isinstance(v, str)},
@@ -100,7 +124,7 @@ def tables_of(evals: list[dict], metric: str) -> dict:
     confusion matrix), from the best and the last evaluation: for summary.json; the CSV row keeps the numbers."""
     if not evals:
         return {}
-    best = max(evals, key=lambda r: r[metric])
+    best = best_of(final_stage(evals), metric)
     return {f"{which}_{k}": v for which, record in (("best", best), ("last", evals[-1]))
             for k, v in record.items() if isinstance(v, (dict, list))}
 

@@ -38,6 +38,7 @@ class BiLevelSettings:
     darts_alpha: float
     upper_optimizer: DictConfig
     seed: int  # of the lower/upper split
+    perturb: str = "trainable"  # what the implicit term differentiates and perturbs: trainable | whole_model
 
 
 @dataclass
@@ -89,8 +90,9 @@ def stages_for(task: Task, method, groups: dict[str, Params], method_cfg: DictCo
         return [Stage(name, task, groups, optimizer, epochs, max_steps, head=head)]
     bc = method_cfg.bilevel
     lower, upper = params_of(method, groups, "lower"), params_of(method, groups, "upper")
-    rule = BiLevelSettings(lower, upper, bc.lower_fraction, bc.get("upper_set"), int(bc.lower_steps), int(bc.upper_steps),
-                   bc.hypergradient, bc.darts_alpha, overridden(optimizer, **bc.upper_optimizer), seed)
+    rule = BiLevelSettings(lower, upper, bc.lower_fraction, bc.get("upper_set"), int(bc.lower_steps),
+                           int(bc.upper_steps), bc.hypergradient, bc.darts_alpha,
+                           overridden(optimizer, **bc.upper_optimizer), seed, bc.get("perturb") or "trainable")
     search = Stage("search" if name == "train" else name, task, groups, optimizer, epochs, max_steps, BiLevel, rule,
                    head=head)
     rc = method_cfg.get("retrain")

@@ -3,9 +3,10 @@ evaluation, bf16/fp16 autocast on CUDA, rich progress per stage, checkpoints and
 (checkpoint.py), data parallel over processes (distributed.py).
 
 Each stage puts its parameters in training (everything else frozen), builds the step rule it names
-(`single_level.SingleLevel` or `bilevel.BiLevel`) and runs the same loop: step, log, evaluate every `eval_every` steps and at the stage's
-end, checkpoint every `checkpoint_every` loop steps; then the stage-end hooks (a continual run re-evaluates every
-task seen so far there) and a checkpoint of the stage's end. A signal (SIGTERM, SIGUSR1, SIGUSR2) makes the loop
+(`single_level.SingleLevel` or `bilevel.BiLevel`; the trainer imports neither) and runs the same loop: step, log,
+evaluate every `eval_every` steps and at the stage's end, checkpoint every `checkpoint_every` loop steps; then the
+stage-end hooks (the curriculum's: a sequence re-evaluates every task seen so far there) and a checkpoint of the
+stage's end. A signal (SIGTERM, SIGUSR1, SIGUSR2) makes the loop
 checkpoint at the next step boundary and stop.
 """
 from __future__ import annotations
@@ -55,6 +56,74 @@ class History:
     steps_per_stage: dict[str, int] = field(default_factory=dict)
 
 
+# -- transformers' load_best_model_at_end (an option: CoLA's LLaMA-Factory recipe) -------------------------------
+class LoadBestAtEnd:
+    """`trainer.load_best_model_at_end: {save_steps, metric, greater_is_better}`, as transformers 4.46.1's Trainer
+    does it (trainer_callback.py DefaultFlowCallback.on_step_end, trainer.py _save_checkpoint and the end of
+    _inner_training_loop): a checkpoint is saved every `save_steps` steps and at the last step; an evaluation runs every
+    `eval_steps` (here trainer.eval_every; our extra evaluation at a stage's end does not count); the best model is
+    decided only where a checkpoint is saved *with* the metrics of an evaluation at the same step: the first such
+    checkpoint unconditionally, a later one when strictly better; at the end the best one's weights are put back. A
+    last step that is no evaluation step saves a checkpoint that never competes. The default `metric` is HF's
+    (`loss`, i.e. the task's `eval_loss`, lower is better). Per stage; the kept weights ride in checkpoints (trainer
+    snapshots) and the best step and value in the checkpoint's states, so a resumed run selects the same step."""
+
+    KEYS = ("save_steps", "metric", "greater_is_better")
+
+    def __init__(self, cfg, eval_every: int | None):
+        unknown = sorted(set(cfg) - set(self.KEYS))
+        if unknown:
+            raise LrbenchError(f"trainer.load_best_model_at_end: unknown key(s) {unknown}; valid: {list(self.KEYS)}")
+        self.save_steps = cfg.get("save_steps")
+        if not isinstance(self.save_steps, int) or isinstance(self.save_steps, bool) or self.save_steps < 1:
+            raise LrbenchError(f"trainer.load_best_model_at_end.save_steps={self.save_steps!r}: an integer > 0")
+        if not eval_every or self.save_steps % eval_every:
+            raise LrbenchError(f"trainer.load_best_model_at_end.save_steps={self.save_steps} must be a round multiple "
+                               f"of trainer.eval_every={eval_every}, as transformers requires; set trainer.eval_every")
+        self.metric = str(cfg.get("metric") or "eval_loss")
+        greater = cfg.get("greater_is_better")
+        self.greater = (not self.metric.endswith("loss")) if greater is None else bool(greater)
+        self.best: dict[str, dict] = {}  # stage name -> {"step", "value"}
+
+    @staticmethod
+    def key(stage: Stage) -> str:
+        return f"{stage.name}@best"
+
+    def candidate(self, step: int, total: int, eval_every: int) -> bool:
+        """A checkpoint saved with an evaluation's metrics at this step (save step or last step, and eval step)."""
+        return step % eval_every == 0 and (step % self.save_steps == 0 or step == total)
+
+    def after_eval(self, trainer: "Trainer", stage: Stage, step: int, total: int, eval_every: int, record: dict):
+        if not self.candidate(step, total, eval_every):
+            return
+        if self.metric not in record:
+            raise LrbenchError(f"trainer.load_best_model_at_end.metric={self.metric!r} is not among the evaluation's "
+                               f"metrics {sorted(k for k in record if isinstance(record[k], (int, float)))}")
+        value, best = float(record[self.metric]), self.best.get(stage.name)
+        if best is None or (value > best["value"] if self.greater else value < best["value"]):
+            self.best[stage.name] = {"step": step, "value": value}
+            trainer.snapshots[self.key(stage)] = [p.detach().clone() for p in stage.params]
+
+    def at_stage_end(self, trainer: "Trainer", stage: Stage, total: int) -> None:
+        best = self.best.get(stage.name)
+        if best is None:
+            console.print(f"load_best_model_at_end: no step of {total} was both a save and an evaluation step; the "
+                          f"last weights stay")
+            return
+        with torch.no_grad():
+            for p, value in zip(stage.params, trainer.snapshots.pop(self.key(stage))):
+                p.copy_(value)
+        trainer.extras.update({"loaded_best_step": best["step"], f"loaded_best_{self.metric}": best["value"]})
+        console.print(f"load_best_model_at_end: the weights of step {best['step']} of {total} "
+                      f"({self.metric}={best['value']:.4f}) are put back")
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = dict(state["best"])
+
+
 # -- the loop ---------------------------------------------------------------------------------------------------
 StageHook = Callable[[int, Stage, dict], None]
 
@@ -83,6 +152,10 @@ class Trainer:
         self.extras: dict = {}
         self.snapshots: dict[str, list[torch.Tensor]] = {}
         self.store, self.states = store, {}
+        self.load_best = None
+        if trainer.get("load_best_model_at_end"):
+            self.load_best = self.states["load_best"] = LoadBestAtEnd(trainer.load_best_model_at_end,
+                                                                      trainer.eval_every)
         self.signals = checkpoint.Signals() if store else None
         self.earlier = {"checkpoints": 0, "checkpoint_s": 0.0, "wall_s": 0.0}  # a resumed run's earlier processes
         self.created = time.perf_counter()
@@ -93,8 +166,10 @@ class Trainer:
 
     # -- data and steps -----------------------------------------------------------------------------------------
     def stream(self, examples: list[dict], task: Task) -> BatchStream:
-        """Shuffled passes over `examples` from the run's generator (a DataLoader's batches and draws, resumable)."""
-        return BatchStream(examples, self.tc.batch_size, task.collate, self.generator, self.dp.rank, self.dp.world)
+        """Shuffled passes over `examples` from the run's generator (a DataLoader's batches and draws, resumable), or
+        passes in file order when the task asks for them."""
+        return BatchStream(examples, self.tc.batch_size, task.collate, self.generator, self.dp.rank, self.dp.world,
+                           shuffle=task.shuffle_train)
 
     def steps_for(self, n_examples: int, task: Task, epochs: float, max_steps: int | None) -> int:
         """Optimiser steps of a stage: `max_steps`, or `epochs` passes over `n_examples`."""
@@ -226,6 +301,8 @@ class Trainer:
                 stage_seconds += seconds
                 self.account(stage, step, seconds)
                 record = self.evaluate(stage, logs)
+                if self.load_best:
+                    self.load_best.after_eval(self, stage, step, total, eval_every, record)
                 if self.dp.is_main:
                     progress.console.print(self.format_eval(record))
                 start = time.perf_counter()
@@ -239,6 +316,8 @@ class Trainer:
                     if stop:
                         raise self.signals.interrupted(written)
         self.extras.update(rule.summary())
+        if self.load_best:
+            self.load_best.at_stage_end(self, stage, total)
         return record
 
     def account(self, stage: Stage, step: int, seconds: float) -> None:

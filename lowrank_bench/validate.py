@@ -47,6 +47,7 @@ RULES: list[tuple[str, str, object, str]] = [
     ("optimizer.lr", NUMBER, positive, "> 0"),
     ("optimizer.weight_decay", NUMBER, non_negative, ">= 0"),
     ("optimizer.eps", NUMBER, positive, "> 0"),
+    ("optimizer.eps_on", CHOICE, ("v_hat", "v"), "v_hat (torch's AdamW) or v (transformers' old AdamW)"),  # optim
     ("optimizer.warmup_ratio", NUMBER, fraction, "0 <= warmup_ratio < 1"),
     ("optimizer.warmup_steps", INTEGER, non_negative, "an integer >= 0, or null for warmup_ratio"),
     ("optimizer.schedule", CHOICE, ("linear", "cosine", "constant"), "linear, cosine or constant"),

@@ -243,3 +243,89 @@ def test_wandb_gets_the_matrix_as_a_table_and_the_plot_as_an_image(tmp_path):
     assert b"accuracy_matrix" in content and b"forgetting_curve" in content and b"backward_transfer" in content
     assert list(tmp_path.rglob("media/images/forgetting_curve*.png"))
     assert list(tmp_path.rglob("media/table/accuracy_matrix*.table.json"))
+
+
+# -- CURLoRA's notebook options: last-position pooling, the first N rows, the corpus in the row ----------------------
+def test_last_position_pooling_gives_the_notebooks_logits_pad_or_not():
+    import copy
+
+    cfg = model_cfg("tiny-gpt2")
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, Head("sequence_classification", 3), tokenizer.pad_token_id).eval()
+    tokenizer.padding_side = "right"  # GPT-2's
+    batch = tokenizer(["a dull plot .", "the acting was weak and the ending never seemed to come at all ."],
+                      padding=True, return_tensors="pt", return_token_type_ids=False)
+    assert batch["attention_mask"][0, -1] == 0  # the short one ends in padding
+    # the notebooks: the LM with its lm_head replaced by the task's head, model(**inputs)["logits"][:, -1, :]
+    notebook = copy.deepcopy(model.lm)
+    notebook.lm_head = model.score
+    with torch.no_grad():
+        expected = notebook(**batch).logits[:, -1, :]
+        last_token = model(**batch).logits
+        model.pooling = "last_position"
+        got = model(**batch).logits
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1], last_token[1], atol=1e-5, rtol=1e-5)  # unpadded: the same token
+    assert not torch.allclose(got[0], last_token[0], atol=1e-3)  # padded: a pad position, not the last word
+
+
+def test_head_bank_puts_each_tasks_pooling_in_place_with_its_head():
+    cfg = model_cfg("tiny-gpt2")
+    model = build_model(cfg, Head("sequence_classification", 2), load_tokenizer(cfg).pad_token_id)
+    bank = HeadBank(model, "score", "curlora", poolings={"a": "last_position", "b": "last_token"})
+    bank.add("a", 2), bank.add("b", 3)
+    bank.use("a")
+    assert model.pooling == "last_position"
+    bank.use("b")
+    assert model.pooling == "last_token"
+    with pytest.raises(LrbenchError, match=r"pooling \{'a': 'mean'\}; valid: last_position, last_token"):
+        HeadBank(model, "score", poolings={"a": "mean"})
+
+
+def test_train_rows_first_keeps_the_first_rows_in_file_order_and_pooling_reaches_the_model(tmp_path):
+    from lowrank_bench.tasks.toy import generate
+
+    cfg, s, stages, trainer, sequence = build_sequence(tmp_path, "+task.stages.first.train_rows=first",
+                                                       "+task.stages.second.pooling=last_position")
+    rows = generate("train", 800)
+    first = sequence.plans[0].task.splits["train"]  # max_train_samples 200
+    expected = s.tokenizer([r["text"] for r in rows[:200]], truncation=True, max_length=32)["input_ids"]
+    assert [f["input_ids"] for f in first] == expected
+    assert [f["labels"] for f in first] == [r["label"] for r in rows[:200]]
+    second = sequence.plans[1].task.splits["train"]  # seeded (default): random.Random(0)'s 100 of 800, in file order
+    order = list(range(800))
+    import random
+    random.Random(0).shuffle(order)
+    seeded = s.tokenizer([rows[i]["text"] for i in sorted(order[:100])], truncation=True, max_length=32)["input_ids"]
+    assert [f["input_ids"] for f in second] == seeded != expected[:100]
+    assert [p.pooling for p in sequence.plans] == ["last_token", "last_position"]
+    first_stream = trainer.stream(first, sequence.plans[0].task)  # the notebooks' order, every pass
+    labels = [f["labels"] for f in first]
+    batch_size = cfg.trainer.batch_size
+    in_order = [labels[i:i + batch_size] for i in range(0, len(first), batch_size)]  # 200 rows: the last batch is short
+    assert [next(first_stream)[1]["labels"].tolist() for _ in range(2 * len(in_order))] == in_order * 2
+    second_stream = trainer.stream(second, sequence.plans[1].task)  # seeded rows: reshuffled
+    assert next(second_stream)[1]["labels"].tolist() != [f["labels"] for f in second][:batch_size]
+    sequence.bank.use("second")
+    assert s.model.pooling == "last_position"
+    sequence.bank.use("first")
+    assert s.model.pooling == "last_token"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+task.stages.first.train_rows=random", r"task.stages.first.train_rows='random'; valid: first, seeded"),
+    ("+task.stages.second.pooling=mean", r"task.stages.second.pooling='mean'; valid: last_position, last_token"),
+])
+def test_bad_stage_options_name_the_value_and_the_choices(tmp_path, override, message):
+    with pytest.raises(LrbenchError, match=message):
+        prepare(compose_cfg("task=continual/toy", "model=tiny-gpt2", *FAST, override))
+
+
+def test_the_row_names_the_perplexity_corpus_its_protocol_and_tokens(tmp_path, corpus):
+    cfg, s, stages, trainer, sequence = build_sequence(tmp_path, *with_perplexity(corpus))
+    sequence.before_training()
+    history = trainer.run(stages)
+    scores = sequence.measures(history)
+    n = len(s.tokenizer(TEXT, add_special_tokens=False)["input_ids"])
+    assert (scores["ppl_corpus"], scores["ppl_protocol"], scores["ppl_tokens"]) == (str(corpus), "standard", n - 1)

@@ -16,9 +16,8 @@ from tests.conftest import CONF, ROOT, base_model, batch_for, method_cfg
 from tests.methods.common import TARGET_SETS
 
 PACKAGE = ROOT / "lowrank_bench"
-# tasks/continual.py gives way to the curriculum package (issue 24); scan its successor once it lands
-SCANNED = [p for folder in ("methods", "tasks") for p in sorted((PACKAGE / folder).glob("*.py"))
-           if p != PACKAGE / "tasks" / "continual.py"] + [PACKAGE / "optim.py"]
+SCANNED = [p for folder in ("methods", "tasks", "curriculum") for p in sorted((PACKAGE / folder).glob("*.py"))] + [
+    PACKAGE / "optim.py"]
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 READ_BY_THE_STAGE_PLAN = {"name", "lr", "bilevel", "retrain"}  # stages.py and the optimiser read these, not methods/
 EXERCISE = {"bilora": {"lambda_param": "binary"}}  # binary_reg is read only under the binary parameterisation

@@ -235,3 +235,22 @@ def test_a_runs_adapter_scores_alone_as_it_did_in_memory(tmp_path):
         "predictions"] == evaluator.details["after"]["subjects"]["algebra"]["predictions"]
     with pytest.raises(LrbenchError, match="eval.adapter=.*: no config_resolved.yaml there"):
         mc_eval.run_standalone(OmegaConf.merge(cfg, {"eval": {"adapter": str(tmp_path)}}), tmp_path / "out")
+
+
+# -- CoLA's multitask presets (issue 23 point 7) -------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["cola/llama-3.2-3b_multitask", "cola/llama-3.1-8b_multitask"])
+def test_colas_multitask_presets_show_and_score_bbh_letters_a_to_d_only(tok, tmp_path, preset):
+    rows = [("pick", "1", "2", "3", "4", "5", "E"), ("pick", "1", "2", "3", "4", "5", "B")]
+    write_csv(tmp_path / "bbh" / "five.csv", rows, header=("question", "A", "B", "C", "D", "E", "answer"))
+    cfg = compose_cfg(f"experiment={preset}", f"eval.data_dir={tmp_path / 'bbh'}").eval
+    assert cfg.name == "bbh"
+    evaluator = MultipleChoiceEval(cfg, tok)
+    prompt = evaluator.prompts["five"][0]
+    assert "\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:" in prompt and "E. 5" not in prompt
+    a, b, c, d = evaluator.letter_ids
+    e = encode_text(tok, "E")[-1]
+    # E has the highest logit of all: never the prediction, as only A-D are scored; B beats the other three
+    table = {tuple(encode_text(tok, p)): {e: 30.0, b: 5.0, a: 1.0} for p in evaluator.prompts["five"]}
+    scores = evaluator.score(LetterLM(len(tok), table))
+    assert evaluator.details["after"]["subjects"]["five"]["predictions"] == "BB"
+    assert scores["mc_accuracy"] == 1 / 2 and scores["mc_unscorable"] == 1  # the item answered E cannot be right

@@ -184,3 +184,32 @@ def test_smollm2_takes_a_sequence_classification_head_on_the_cached_backbone(smo
     assert model.lrbench_load_info["load_from"] == "cache"
     backbone = smollm2["second"].model.state_dict()
     assert all(torch.equal(value, backbone[name]) for name, value in model.model.state_dict().items())
+
+
+# -- config_overrides ----------------------------------------------------------------------------------------------
+def dropout_rates(model) -> set[float]:
+    return {module.p for module in model.modules() if isinstance(module, torch.nn.Dropout)}
+
+
+NO_DROPOUT = {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
+
+
+def test_config_overrides_set_the_config_before_the_model_is_built_from_a_folder_or_a_config(tmp_path):
+    tiny = model_cfg("tiny-gpt2")
+    assert dropout_rates(load_model(tiny, Head("causal_lm"))) == {0.1}
+    built = load_model(OmegaConf.merge(tiny, {"config_overrides": NO_DROPOUT}), Head("causal_lm"))
+    assert dropout_rates(built) == {0.0} and built.config.attn_pdrop == 0.0
+    load_model(tiny, Head("causal_lm")).save_pretrained(tmp_path / "m")  # a checkpoint with HF's 0.1 in its config
+    folder = OmegaConf.create({"name": "local", "source": "path", "path": str(tmp_path / "m")})
+    assert dropout_rates(load_model(folder, Head("causal_lm"))) == {0.1}
+    loaded = load_model(OmegaConf.merge(folder, {"config_overrides": {"resid_pdrop": 0.0}}), Head("causal_lm"))
+    assert loaded.config.resid_pdrop == 0.0 and loaded.config.attn_pdrop == 0.1
+    assert loaded.transformer.h[0].attn.resid_dropout.p == 0.0 and loaded.transformer.h[0].attn.attn_dropout.p == 0.1
+    assert loaded.transformer.h[0].mlp.dropout.p == 0.0 and loaded.transformer.drop.p == 0.1
+
+
+def test_an_unknown_config_override_is_refused_in_one_line(tmp_path):
+    bad = OmegaConf.merge(model_cfg("tiny-gpt2"), {"config_overrides": {"attn_dropout": 0.0}})
+    with pytest.raises(LrbenchError, match=r"^model.config_overrides: \['attn_dropout'\] not in the gpt2 config of "
+                                           r"model 'tiny-gpt2' \(its dropout settings: \[.*'attn_pdrop'.*\]\)$"):
+        load_model(bad, Head("causal_lm"))

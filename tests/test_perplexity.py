@@ -9,9 +9,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lowrank_bench.errors import LrbenchError
-from lowrank_bench.perplexity import (corpus_ids, curlora_text, default_context, perplexity, read_corpus,
-                                      single_window_perplexity, strided_perplexity)
-from tests.conftest import DATA, needs_data
+from lowrank_bench.perplexity import (CORPORA, corpus_ids, curlora_text, default_context, perplexity, read_corpus,
+                                      resolve_corpus, score, single_window_perplexity, strided_perplexity)
+from tests.conftest import DATA, compose_cfg, needs_data
 
 VOCAB = 50
 
@@ -238,3 +238,90 @@ def test_a_random_model_has_about_vocabulary_size_perplexity_on_wikitext():
     n = len(tokenizer(text[:5000])["input_ids"])  # GPT-2 adds no special tokens either way
     assert got["tokens"] == n - 1
     assert got["perplexity"] == pytest.approx(len(tokenizer), rel=0.05)
+
+
+# -- CURLoRA's corpus: wikitext-2-raw-v1, test split, blank rows dropped (issue 23) --------------------------------
+RAW_TEST = DATA / "wikitext-2" / "wiki.test.raw" if DATA else None
+needs_raw_test = pytest.mark.skipif(RAW_TEST is None or not RAW_TEST.is_file(),
+                                    reason="shared data absent: set LRBENCH_DATA_DIR to the shared data folder, which "
+                                           "holds wikitext-2/wiki.test.raw (CI sets it to ../shared/data)")
+
+
+@needs_raw_test
+@pytest.mark.parametrize("preset,window", [("curlora/gpt2_large_continual", 256),
+                                           ("curlora/mistral_7b_continual", 10000)])
+def test_curlora_presets_score_the_raw_test_split_read_from_the_shared_file(preset, window):
+    from transformers import AutoTokenizer
+
+    from lowrank_bench import tasks
+
+    cfg = compose_cfg(f"experiment={preset}")
+    assert cfg.task.perplexity.max_tokens == window  # GPT-2: the code's max_len (code/utils.py:21,30)
+    corpus = tasks.build(cfg.task).perplexity_corpus()
+    assert corpus.path == RAW_TEST and corpus.label == f"wikitext-2-raw-v1/test: {RAW_TEST}"
+    text = corpus.text()
+    lines = RAW_TEST.read_bytes().decode("utf-8").split("\n")
+    assert text == RAW_TEST.read_text(encoding="utf-8") and lines[-1] == ""  # the file as is, newline-terminated
+    assert len(lines) - 1 == 2891 and all(line.strip() for line in lines[:-1])  # 2,891 rows, no blank one
+    assert lines[0] == " = Robert Boulter = "  # the test split's first article (validation's: Homarus gammarus)
+    assert "<unk>" not in text  # raw, not the tokenised files' vocabulary
+    assert curlora_text(text) == text  # blank rows already dropped: the protocol's join changes nothing
+    # what the preset scores: the first `window` GPT-2 tokens in one pass, as calculate_perplexity's HF loss
+    tokenizer = AutoTokenizer.from_pretrained(DATA / "tokenizers" / "gpt2")
+    ids = corpus_ids(tokenizer, text, "curlora")
+    assert len(ids) > window and text.startswith(tokenizer.decode(ids[:window]))  # byte-level BPE: lossless
+    if window > 1024:  # Mistral's 10,000 tokens (its tokenizer differs): the GPT-2 window is scored below
+        return
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2,
+                                    n_positions=1024)).eval()
+    got = score(lm, ids, "single_window", max_tokens=cfg.task.perplexity.max_tokens)
+    with torch.no_grad():
+        hf_loss = lm(ids[None, :window], labels=ids[None, :window]).loss.item()  # code/utils.py:40-43
+    assert got["tokens"] == window - 1
+    assert got["nll"] == pytest.approx(hf_loss, rel=1e-5)
+
+
+@needs_data
+def test_the_offline_sequence_keeps_the_tokenised_validation_file():
+    from lowrank_bench import tasks
+
+    cfg = compose_cfg("task=continual/offline", "model=smollm2-135m")
+    corpus = tasks.build(cfg.task).perplexity_corpus()
+    assert corpus.path == DATA / "wikitext-2" / "valid.txt" and corpus.label == str(corpus.path)
+    assert "<unk>" in corpus.text()
+
+
+def test_named_corpora_resolve_to_the_shared_file_or_the_hub(tmp_path):
+    (tmp_path / "wikitext-2").mkdir()
+    (tmp_path / "wikitext-2" / "wiki.test.raw").write_text(" = A = \n b .\n")
+    name = "wikitext-2-raw-v1/test"
+    assert set(CORPORA) == {name}
+    assert resolve_corpus(name, "auto", tmp_path).text() == " = A = \n b .\n"
+    hub = resolve_corpus(name, "auto", None)  # no shared folder: the Hub's rows
+    assert (hub.path, hub.hub) == (None, ("Salesforce/wikitext", "wikitext-2-raw-v1", "test"))
+    assert hub.label == "wikitext-2-raw-v1/test: hub Salesforce/wikitext wikitext-2-raw-v1 test"
+    assert resolve_corpus(name, "hub", tmp_path).hub == hub.hub  # hub wins over the shared file
+    assert resolve_corpus(None, "auto", tmp_path).path == tmp_path / "wikitext-2" / "valid.txt"
+    assert resolve_corpus(str(tmp_path / "x.txt")).path == tmp_path / "x.txt"
+
+
+@pytest.mark.parametrize("corpus,source,shared,message", [
+    ("wikitext-2-raw-v1/test", "cloud", None, r"task.perplexity.source='cloud'; valid: auto, hub, local"),
+    ("wikitext-2-raw-v1/test", "local", None, r"source=local: no file \$LRBENCH_DATA_DIR/wikitext-2/wiki.test.raw"),
+    ("notes.txt", "hub", None, r"source=hub with task.perplexity.corpus=notes.txt, a file: .* wikitext-2-raw-v1/test"),
+    (None, "auto", None, r"task.perplexity.corpus is not set and LRBENCH_DATA_DIR is unset"),
+])
+def test_corpus_settings_that_cannot_work_raise(corpus, source, shared, message):
+    with pytest.raises(LrbenchError, match=message):
+        resolve_corpus(corpus, source, shared)
+
+
+def test_the_hub_corpus_offline_fails_fast_naming_the_dataset():
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(LrbenchError, match=r"(?s)Dataset 'Salesforce/wikitext wikitext-2-raw-v1 test' is not in the "
+                                           r"local .*wiki.test.raw"):
+        resolve_corpus("wikitext-2-raw-v1/test", "hub").text()
+    assert time.perf_counter() - started < 30

@@ -2,6 +2,8 @@
 registry's tables compose too. Composing only: no model is loaded, nothing trains."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import yaml
 
@@ -98,3 +100,64 @@ def test_registry_names_only_its_own_runs_and_columns():
             assert set(subset.get("runs", [])) <= runs and set(subset.get("columns", [])) <= columns, name
         for variables in spec["columns"].values():
             assert set(variables.get("mean_of", [])) <= columns, name
+
+
+def test_colas_pissa_baseline_runs_llama_factorys_16_fast_svd_iterations_and_the_default_stays_4():
+    from omegaconf import OmegaConf
+
+    from lowrank_bench.methods.peft_baseline import peft_config
+
+    presets = sorted((CONF / "experiment" / "cola").glob("*.yaml"))
+    assert len(presets) == 12
+    for path in presets:
+        cfg = compose_cfg(f"experiment=cola/{path.stem}", "method=peft/pissa", "method.config.lora_alpha=16")
+        options = OmegaConf.to_container(cfg.method.config, resolve=True)
+        assert options["init_lora_weights"] == "pissa_niter_16", path.stem
+        assert peft_config("LORA", options).init_lora_weights == "pissa_niter_16"
+        assert compose_cfg(f"experiment=cola/{path.stem}").method.name == "cola"  # the preset's own method
+    assert compose_cfg("method=peft/pissa").method.config.init_lora_weights == "pissa_niter_4"
+
+
+@pytest.mark.parametrize("preset", ["curlora/gpt2_large_continual", "curlora/mistral_7b_continual"])
+def test_curlora_presets_use_the_notebooks_adamw_without_clipping(preset):
+    """transformers.AdamW(model.parameters(), lr=lr): weight decay 0, eps 1e-6; the loops never clip (issue 23)."""
+    import torch
+
+    from lowrank_bench.optim import make_optimizer
+
+    cfg = compose_cfg(f"experiment={preset}")
+    assert cfg.trainer.max_grad_norm is None
+    matrix, vector = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+    optimizer, _ = make_optimizer([matrix, vector], cfg.optimizer, total_steps=10)
+    assert [(g["weight_decay"], g["eps"], g["lr"] * 500) for g in optimizer.param_groups] == \
+        [(0.0, 1e-6, pytest.approx(2.5e-4))] * 2  # lr seen at warmup step 0: 2.5e-4 / 500
+    assert cfg.task.perplexity.corpus == "wikitext-2-raw-v1/test"
+    assert cfg.task.perplexity.max_tokens == (256 if "gpt2" in preset else 10000)  # GPT-2: the code's max_len
+
+
+def test_the_curlora_sequence_reads_the_paper_and_the_notebooks_as_protocols(monkeypatch):
+    from lowrank_bench.curriculum import sequence
+
+    def plans(*overrides):
+        cfg = compose_cfg("experiment=curlora/mistral_7b_continual", *overrides)
+        built = {}
+
+        def build(task_cfg):  # the stage's settings, not its data
+            built[task_cfg.name] = task_cfg
+            return SimpleNamespace(head=SimpleNamespace(kind="sequence_classification"), cfg=task_cfg,
+                                   subsample=lambda examples, split: examples[::-1], train_split="train")
+        monkeypatch.setattr(sequence.tasks, "build", build)
+        return sequence.Sequence(cfg).plans, built
+
+    paper, cfgs = plans()
+    assert [p.pooling for p in paper] == ["last_token"] * 3
+    rows = list(range(3000))  # train_rows first: the first 1,000 rows, not the task's own subset (here: reversed)
+    assert [p.task.subsample(rows, "train") for p in paper] == [rows[:1000]] * 3
+    assert paper[0].task.subsample(rows, "validation") == rows[::-1]  # evaluation rows: the task's own choice
+    s140 = cfgs["sentiment/sentiment140"]
+    assert (s140.label_map, s140.num_labels, s140.get("head_outputs"), s140.eval_rows) == ("three_way", 3, None,
+                                                                                          "seeded")
+    notebook, cfgs = plans("task.protocol=notebook")
+    assert [p.pooling for p in notebook] == ["last_position"] * 3
+    s140 = cfgs["sentiment/sentiment140"]
+    assert (s140.label_map, s140.num_labels, s140.head_outputs, s140.eval_rows) == ("div4", 2, 3, "first")

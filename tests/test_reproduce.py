@@ -26,6 +26,7 @@ from lowrank_bench.reproduce import (
 from lowrank_bench.results import read_rows
 
 PAPER = {"paper": "Paper X", "table": "Table 9"}
+NLG = {"paper": "Paper X", "table": "Table 10"}
 SMOKE = {"model": "tiny-roberta", "task": "toy/sentiment", "task.max_train_samples": 32,
          "task.max_eval_samples": 32}
 REGISTRY = {
@@ -48,7 +49,7 @@ REGISTRY = {
             "smoke": {"columns": ["MRPC"], "metric": "accuracy", "overrides": SMOKE},
         },
         "nlg": {
-            "title": "A table whose family cannot run here", "sources": [PAPER], "seeds": [110], "unit": "percent",
+            "title": "A table whose family cannot run here", "sources": [NLG], "seeds": [110], "unit": "percent",
             "columns": {"BLEU": {"metric": "BLEU"}},
             "runs": {"LoRA": {"experiment": "lora/gpt2_medium_e2e"}},
             "smoke": {"skip": "no E2E data offline"},
@@ -57,6 +58,17 @@ REGISTRY = {
 }
 PAPERS = [("LoRA", "MRPC", "88.0"), ("LoRA", "RTE", "70.0"), ("LoRA", "Avg", "79.0"), ("DoRA", "MRPC", "89.0"),
           ("Adapter", "MRPC", "87.0"), ("LoRA", "BLEU", "70.4")]
+PAPER_FIELDS = ["source", "method", "model", "task", "metric", "value", "paper", "table", "row", "column", "unit",
+                "paper_std", "verified", "note"]
+
+
+def write_papers(path: Path, cells: list[tuple[str, str, str]]) -> None:
+    with path.open("w", newline="") as out:
+        writer = csv.DictWriter(out, PAPER_FIELDS)
+        writer.writeheader()
+        for row, column, value in cells:
+            writer.writerow({**(NLG if column == "BLEU" else PAPER), "row": row, "column": column, "value": value,
+                             "unit": "percent", "verified": "no", "source": "test", "method": row.lower()})
 
 
 @pytest.fixture
@@ -64,13 +76,7 @@ def setup(tmp_path):
     registry = tmp_path / "tables.yaml"
     registry.write_text(yaml.safe_dump(REGISTRY, sort_keys=False))
     papers = tmp_path / "papers.csv"
-    with papers.open("w", newline="") as out:
-        writer = csv.DictWriter(out, ["source", "method", "model", "task", "metric", "value", "paper", "table", "row",
-                                      "column", "unit", "paper_std", "verified", "note"])
-        writer.writeheader()
-        for row, column, value in PAPERS:
-            writer.writerow({**PAPER, "row": row, "column": column, "value": value, "unit": "percent",
-                             "verified": "no", "source": "test", "method": row.lower()})
+    write_papers(papers, PAPERS)
     out = tmp_path / "tables"
     args = ["--scale", "smoke", "--registry", str(registry), "--papers", str(papers), "--output", str(out)]
     return args, out
@@ -229,3 +235,92 @@ def test_dry_run_prints_the_sweeps_and_runs_nothing(setup, monkeypatch, capsys):
     assert "4 run(s), 4 to do in 1 sweep(s)" in printed
     assert "lrbench -m experiment=lora/roberta_base_mrpc method=lora,dora" in printed and "seed=0,1" in printed
     assert not out.exists()
+
+
+def test_a_published_row_the_registry_lacks_is_added_and_a_table_without_numbers_says_not_transcribed(setup, monkeypatch):
+    args, out = setup
+    papers = Path(args[args.index("--papers") + 1])
+    # a paper's numbers added later, as CSV rows alone: a row and a column tables.yaml does not list; Table 10's
+    # numbers gone (not transcribed yet)
+    write_papers(papers, [c for c in PAPERS if c[1] != "BLEU"] + [("VeRA", "MRPC", "86.5"), ("LoRA", "QQP", "90.1")])
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda *a, **k: pytest.fail("--collect-only ran something"))
+    assert reproduce.main([*args, "--collect-only"]) == 0
+    text = (out / "glue.md").read_text()
+    vera = md_line(text, "VeRA", "MRPC").split(" | ")
+    assert vera[2:5] == ["missing", "–", "86.5"] and "published only" in vera[8]
+    assert md_line(text, "LoRA", "QQP").split(" | ")[2:5] == ["missing", "–", "90.1"]
+    assert md_line(text, "VeRA", "RTE").split(" | ")[4] == "missing"  # the paper prints no such cell
+    assert "| LoRA | – / 88.0 | – / 70.0 | – / 79.0 | – / 90.1 |" in text  # QQP joins the paper's layout
+    nlg = (out / "nlg.md").read_text()
+    assert md_line(nlg, "LoRA", "BLEU").split(" | ")[2:5] == ["missing", "–", "not transcribed"]
+    assert "The paper's numbers are **not transcribed**" in nlg and "| LoRA | – / not transcribed |" in nlg
+    index = (out / "index.md").read_text()
+    assert "| A table whose family cannot run here | 0/1 | not transcribed | 0 |" in index
+    assert "| A GLUE-like table | 0/16 | 7 | 0 |" in index  # (3 runs + VeRA) x (MRPC, RTE, Avg + QQP); 7 published
+
+
+def test_a_column_sets_its_own_seeds_and_a_variant_row_is_compared_with_the_papers_row(tmp_path):
+    registry = yaml.safe_load(yaml.safe_dump(REGISTRY))
+    spec = registry["tables"]["glue"]
+    spec["columns"]["RTE"]["seeds"] = [0, 1, 2, 3]
+    spec["runs"]["DoRA (variant)"] = {"experiment": "lora/roberta_base_{task}", "method": "dora",
+                                      "method.r": 4, "paper_row": "DoRA"}
+    full = {(c.run, c.column): c for c in plan(registry, "full", ["glue"])[0].cells}
+    assert [plan(registry, "full", ["glue"])[0].seeds_of(full[("LoRA", c)]) for c in ("MRPC", "RTE")] == \
+        [[0, 1, 2], [0, 1, 2, 3]]
+    smoke = plan(registry, "smoke", ["glue"])[0]
+    assert {tuple(smoke.seeds_of(c)) for c in smoke.cells} == {(0, 1)}  # the scale's seeds win
+    forced = plan(registry, "full", ["glue"], seeds=[7])[0]
+    assert {tuple(forced.seeds_of(c)) for c in forced.cells} == {(7,)}  # so do --seeds
+    variant = full[("DoRA (variant)", "MRPC")]
+    assert dict(variant.overrides) == {"experiment": "lora/roberta_base_mrpc", "method": "dora", "method.r": 4}
+    papers = {(PAPER["paper"], PAPER["table"], row, column): {"value": value, "unit": "percent"}
+              for row, column, value in PAPERS}
+    table = plan(registry, "full", ["glue"])[0]
+    assert reproduce.paper_for(table, variant, papers)["value"] == "89.0"  # DoRA's published MRPC
+    assert reproduce.paper_for(table, full[("DoRA", "MRPC")], papers)["value"] == "89.0"
+
+
+PAPERLESS = ("bilora_glue", "cola_domains", "lotr_glue")   # their papers' tables could not be read
+
+
+def test_bilora_cola_and_lotr_have_tables_at_both_scales_whose_paper_cells_say_not_transcribed():
+    registry = load_registry(reproduce.REGISTRY)
+    papers = reproduce.paper_numbers()
+    for scale in ("full", "smoke"):
+        tables = [reproduce.add_published_cells(t, papers) for t in plan(registry, scale, list(PAPERLESS))]
+        for table in tables:
+            assert not table.transcribed and not table.skip, table.name
+            runnable = [c for c in table.cells if c.overrides is not None]
+            assert runnable, (table.name, scale)
+            assert not any(reproduce.paper_for(table, c, papers) for c in table.cells)
+        if scale == "smoke":  # every smoke configuration composes and passes lrbench's checks
+            assert plan_runs(tables, rows=[]).errors == {}
+    lotr = {(c.run, c.column): c for c in plan(registry, "full", ["lotr_glue_ranks"])[0].cells}
+    table = plan(registry, "full", ["lotr_glue_ranks"])[0]
+    assert lotr[("LoTR r=8", "MRPC")].metric == "f1"  # the repository's MRPC values: most likely F1
+    assert {tuple(table.seeds_of(c)) for c in table.cells} == {(0, 1, 2)}  # every repository value: a mean of 2-3 runs
+    assert dict(lotr[("LoRA r=8", "MRPC")].overrides)["method.init_a"] == "kaiming_fan_rank"
+    assert "F1" in table.note
+    lotr_paper = plan(registry, "full", ["lotr_glue"])[0]
+    assert {c.overrides for c in lotr_paper.cells} == {c.overrides for c in lotr.values()}  # the same runs
+
+
+def test_bidora_tables_compare_the_official_rows_and_carry_table_4():
+    registry = load_registry(reproduce.REGISTRY)
+    papers = reproduce.paper_numbers()
+    table = plan(registry, "full", ["bidora_glue"])[0]
+    cells = {(c.run, c.column): c for c in table.cells}
+    official = cells[("R_l BiDoRA (official)", "MNLI")]
+    assert dict(official.overrides)["method.orientation"] == "official"
+    assert dict(official.overrides)["trainer.precision"] == "fp32"  # the official runs never autocast
+    assert dict(official.overrides)["method.bilevel.perturb"] == "whole_model" and official.metric == \
+        "matched_mismatched_accuracy"
+    assert reproduce.paper_for(table, official, papers)["value"] == "90.6"  # the paper's R_l BiDoRA MNLI
+    assert papers[("BiDoRA (arXiv 2410.09758)", "Table 1", "R_l BiDoRA", "MNLI")]["metric"] == \
+        "matched_mismatched_accuracy"
+    protein = reproduce.add_published_cells(plan(registry, "smoke", ["bidora_protein"])[0], papers)
+    found = [reproduce.paper_for(protein, c, papers) for c in protein.cells]
+    assert len(protein.cells) == 4 * 12 and all(found) and all(c.overrides is None for c in protein.cells)
+    assert found[protein.cells.index(next(c for c in protein.cells if (c.run, c.column) == ("BiDoRA", "MIC MSE")))][
+        "value"] == "0.2818"

@@ -69,6 +69,16 @@ def test_stream_yields_the_dataloaders_batches_and_draws_the_same_numbers(sizes,
     assert min(s.epoch for s in ours) >= 3
 
 
+
+def test_an_unshuffled_stream_serves_every_pass_in_file_order_and_draws_nothing():
+    g = torch.Generator().manual_seed(7)
+    before = g.get_state()
+    stream = BatchStream(examples(10), 4, collate, g, shuffle=False)
+    served = [(epoch, batch["input_ids"].flatten().tolist()) for epoch, batch in (next(stream) for _ in range(6))]
+    assert served == [(0, [0, 1, 2, 3]), (0, [4, 5, 6, 7]), (0, [8, 9]),
+                      (1, [0, 1, 2, 3]), (1, [4, 5, 6, 7]), (1, [8, 9])]
+    assert torch.equal(g.get_state(), before)
+
 def test_stream_continues_from_its_saved_state_and_the_generators():
     g = torch.Generator().manual_seed(3)
     reference = [BatchStream(examples(n), 8, collate, g) for n in (50, 20)]

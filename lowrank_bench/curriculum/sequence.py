@@ -8,7 +8,13 @@ per-stage overrides. Overrides of the task itself (`max_train_samples`, `max_eva
 `data_dir`, `source`, ...) go into that task's config; `epochs` and `max_steps` go to the stage's budget; `lr`,
 `schedule`, `warmup_steps`, `warmup_ratio`, `weight_decay` and `schedule_steps` to its optimiser. Every stage's
 settings are checked as the same keys of a single run are (validate.py); a stage's task that cannot be built, or a
-setting out of range, says which stage it is.
+setting out of range, says which stage it is. Two stage keys choose how CURLoRA's notebooks differ (arXiv
+2408.14572, `code/*.ipynb`):
+- `train_rows`: `seeded` (default: the fixed random subset of `max_train_samples` rows, reshuffled every pass) or
+  `first` (the first `max_train_samples` rows, every pass in file order: the notebooks'
+  `train_dataset[i:i+bs] for i in range(0, 1000, bs)`);
+- `pooling`: `last_token` (default: the last real token, heads.py) or `last_position` (the notebooks'
+  `logits[:, -1, :]`: right-padded rows are read at a pad position).
 
 `every_stage.<key>` overrides a key in every stage (from the command line: `task.every_stage.max_train_samples=200`;
 one stage: `+task.stages.mrpc.max_eval_samples=100`). `protocol` picks a named set of extra overrides from
@@ -21,8 +27,9 @@ accuracy, backward transfer and forgetting; each evaluation's metrics, confusion
 predicted a single class (`degenerate`), one line per (stage, task) in metrics.jsonl; the perplexity curve
 (`perplexity.*`). Files in the run folder: `accuracy_matrix.csv` and `forgetting.png` (accuracy of each task across
 the stages, perplexity on a second axis). The run's result row is one summary row: final average accuracy,
-backward transfer, average forgetting, perplexity before and after, each task's final accuracy, and the matrix file
-it comes from.
+backward transfer, average forgetting, perplexity before and after (with the corpus it scored, `ppl_corpus`, its
+text protocol, `ppl_protocol`, and the tokens scored, `ppl_tokens`), each task's final accuracy, and the matrix
+file it comes from.
 """
 from __future__ import annotations
 
@@ -36,12 +43,13 @@ from omegaconf import DictConfig, OmegaConf
 from lowrank_bench import configs, forgetting, perplexity, results, tasks, validate
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError, choices
-from lowrank_bench.heads import DecoderClassifier, HeadBank
+from lowrank_bench.heads import POOLINGS, DecoderClassifier, HeadBank
 from lowrank_bench.stages import overridden, stages_for
 from lowrank_bench.tasks.base import Task, data_dir
 
 BUDGET_KEYS = ("epochs", "max_steps")
 OPTIMIZER_KEYS = ("lr", "schedule", "warmup_steps", "warmup_ratio", "weight_decay", "schedule_steps")
+TRAIN_ROWS = ("seeded", "first")
 MATRIX_METRIC = "accuracy"
 
 
@@ -53,6 +61,7 @@ class StagePlan:
     task: Task
     budget: dict
     optimizer: dict
+    pooling: str = "last_token"
 
 
 class Sequence:
@@ -75,7 +84,8 @@ class Sequence:
         self.matrix = forgetting.AccuracyMatrix(self.names)
         self.perplexities: list[float | None] = []
         self.final: dict[str, dict] = {}
-        self.corpus_ids = None
+        self.corpus, self.corpus_ids = None, None
+        self.scored_tokens: int | None = None
 
     # -- the plan -------------------------------------------------------------------------------------------------
     def read_plans(self, cfg: DictConfig) -> list[StagePlan]:
@@ -113,6 +123,12 @@ class Sequence:
         overrides.pop("task")
         budget = {k: overrides.pop(k) for k in BUDGET_KEYS if k in overrides}
         optimizer = {k: overrides.pop(k) for k in OPTIMIZER_KEYS if k in overrides}
+        train_rows = overrides.pop("train_rows", None) or "seeded"
+        pooling = overrides.pop("pooling", None) or "last_token"
+        if train_rows not in TRAIN_ROWS:
+            raise LrbenchError(f"task.stages.{name}.train_rows={train_rows!r}; valid: {choices(TRAIN_ROWS)}")
+        if pooling not in POOLINGS:
+            raise LrbenchError(f"task.stages.{name}.pooling={pooling!r}; valid: {choices(POOLINGS)}")
         task_cfg = OmegaConf.merge(configs.task_config(task_name), overrides)
         settings = OmegaConf.create({"task": task_cfg, "trainer": budget, "optimizer": optimizer})
         try:
@@ -121,11 +137,13 @@ class Sequence:
         except LrbenchError as err:  # say which stage, and where its settings go (task.source=hub means the stage's)
             raise LrbenchError(f"stage '{name}' of {self.name} (its settings: task.stages.{name}.<key>, or "
                                f"task.every_stage.<key>): {err}") from None
-        return StagePlan(name, task, budget, optimizer)
+        if train_rows == "first":
+            keep_first_rows(task)
+        return StagePlan(name, task, budget, optimizer, pooling)
 
     def attach_heads(self, model, head_modules, groups):
         """One head per task, seeded apart (CURLoRA's: 1311); the template head's parameters leave the groups."""
-        self.bank = HeadBank(model, head_modules[0], self.cfg.head_protocol)
+        self.bank = HeadBank(model, head_modules[0], self.cfg.head_protocol, {p.name: p.pooling for p in self.plans})
         for index, plan in enumerate(self.plans):
             torch.manual_seed(self.seed + index)
             self.task_heads[plan.name] = self.bank.add(plan.name, plan.task.head.num_labels)
@@ -149,26 +167,22 @@ class Sequence:
         """Re-evaluation at each task's end, its matrix and perplexities in every checkpoint. Reads the perplexity
         corpus: a missing one fails here, before training."""
         self.trainer, self.run_dir = trainer, run_dir
-        self.corpus_ids = self.read_corpus(self.perplexity_corpus(), tokenizer)
+        self.corpus = self.perplexity_corpus()
+        self.corpus_ids = self.read_corpus(self.corpus, tokenizer)
         trainer.stage_end_hooks.append(self.after_stage)
         trainer.states["continual"] = self
 
-    def perplexity_corpus(self) -> Path | None:
-        """The perplexity text file: `perplexity.corpus`, else WikiText-2 valid under $LRBENCH_DATA_DIR."""
+    def perplexity_corpus(self) -> perplexity.Corpus | None:
+        """The perplexity text: `perplexity.corpus` (a file or a named corpus, from `perplexity.source`), else
+        WikiText-2 valid under $LRBENCH_DATA_DIR (perplexity.resolve_corpus)."""
         pc = self.cfg.perplexity
         if pc.mode == "none":
             return None
-        if pc.get("corpus"):
-            return Path(str(pc.corpus)).expanduser()
-        shared = data_dir()
-        if shared is None:
-            raise LrbenchError("task.perplexity.corpus is not set and LRBENCH_DATA_DIR is unset: give "
-                               "task.perplexity.corpus=/path/to/wikitext-2/valid.txt, or task.perplexity.mode=none")
-        return shared / "wikitext-2" / "valid.txt"
+        return perplexity.resolve_corpus(pc.get("corpus") or None, pc.get("source") or "auto", data_dir())
 
-    def read_corpus(self, path: Path | None, tokenizer):
+    def read_corpus(self, corpus: perplexity.Corpus | None, tokenizer):
         """The corpus as token ids, tokenised once for every measurement of the run."""
-        if path is None:
+        if corpus is None:
             return None
         if not isinstance(self.bank.model, DecoderClassifier):
             console.print(f"[yellow]perplexity skipped: {self.bank.model.config.model_type} is not a causal LM")
@@ -176,7 +190,7 @@ class Sequence:
         if self.cfg.perplexity.mode not in perplexity.MODES:
             raise LrbenchError(f"task.perplexity.mode={self.cfg.perplexity.mode!r}; valid: none, "
                                f"{', '.join(perplexity.MODES)}")
-        text = perplexity.read_corpus(path)
+        text = corpus.text()
         return perplexity.corpus_ids(tokenizer, text, perplexity.MODES[self.cfg.perplexity.mode])
 
     def measure_perplexity(self, when: str) -> None:
@@ -188,6 +202,7 @@ class Sequence:
                                   pc.get("max_tokens") or 10000, self.trainer.device, self.trainer.autocast,
                                   pc.get("corpus_tokens"))
         self.perplexities.append(result["perplexity"])
+        self.scored_tokens = result["tokens"]
         self.trainer.write_record({"perplexity_after": when, **result})
         console.print(f"perplexity ({pc.mode}) {when}: {result['perplexity']:.3f} over {result['tokens']} tokens")
 
@@ -220,12 +235,14 @@ class Sequence:
 
     # -- checkpoints (the trainer saves this with every checkpoint and puts it back on resume) --------------------
     def state_dict(self) -> dict:
-        return {"rows": self.matrix.rows, "perplexities": self.perplexities, "final": self.final}
+        return {"rows": self.matrix.rows, "perplexities": self.perplexities, "final": self.final,
+                "scored_tokens": self.scored_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         self.matrix.rows = [list(row) for row in state["rows"]]
         self.perplexities = list(state["perplexities"])
         self.final = dict(state["final"])
+        self.scored_tokens = state.get("scored_tokens")  # absent from checkpoints written before it was kept
 
     # -- outputs ------------------------------------------------------------------------------------------------
     def write_files(self, run_dir: Path, logger) -> None:
@@ -244,7 +261,10 @@ class Sequence:
                "average_forgetting": summary["average_forgetting"],
                "ppl_before": self.perplexities[0] if self.perplexities else None,
                "ppl_after": self.perplexities[-1] if self.perplexities else None,
-               "ppl_mode": self.cfg.perplexity.mode}
+               "ppl_mode": self.cfg.perplexity.mode,
+               "ppl_corpus": self.corpus.label if self.corpus_ids is not None else None,
+               "ppl_protocol": perplexity.MODES.get(self.cfg.perplexity.mode) if self.corpus_ids is not None else None,
+               "ppl_tokens": self.scored_tokens}
         for name in self.names:
             out[f"final_accuracy_{name}"] = self.matrix.rows[-1][self.names.index(name)]
         for name, value in summary["forgetting"].items():
@@ -274,3 +294,20 @@ class Sequence:
             finals.append(measured[MATRIX_METRIC])
             out.update({f"{plan.name}_{k}": v for k, v in measured.items() if results.is_metric(k, v)})
         return "average_accuracy", {"average_accuracy": sum(finals) / len(finals), **out}
+
+
+def keep_first_rows(task: Task) -> None:
+    """`train_rows: first`: the task keeps the first `max_train_samples` training rows in file order instead of its
+    seeded subset, and trains on them in that order every pass; the task's own subsample still sees the whole split
+    (its checks, and its evaluation rows)."""
+    subsample = task.subsample
+    task.shuffle_train = False
+
+    def first(examples: list[dict], split: str) -> list[dict]:
+        kept = subsample(examples, split)
+        if split != task.train_split:
+            return kept
+        limit = task.cfg.get("max_train_samples")
+        return examples[:limit] if limit else examples
+
+    task.subsample = first

@@ -7,7 +7,16 @@
 D_k is layer k's normalised direction (unit rows, so D D^T is their Gram matrix); the regulariser pushes the
 directions of each adapted matrix towards orthogonality (weight 1e-5, Frobenius norm not squared, mean over
 layers: the official code's `compute_direction_regularization`). An optional retraining phase re-trains direction
-and head on the full training set from their pre-search state with the learned magnitudes frozen.
+and head on the full training set from their pre-search state with the learned magnitudes frozen. With retraining,
+the row's `best_*` is the best of the retraining's evaluations only (the official code keeps the search's and the
+retraining's in separate lists, run_glue_bilevel.py:412, 553); the search's best is `search_best_<metric>`.
+
+The hypergradient's finite difference (`bilevel.perturb`, bilevel.py): `trainable` (default, the paper's
+V = {Delta V}) perturbs the lower level's trainable parameters (A, B, head); `whole_model` perturbs every parameter
+of the model but the magnitudes, the frozen backbone included, as Betty does with the official code's unfrozen
+RoBERTa (digest B2, §0.3). The official code's behaviour, as options: `orientation: official` +
+`bilevel.perturb: whole_model` (+ `detach_norm: false`, the default, and the presets' optimiser and budget). On
+MNLI the paper scores matched + mismatched concatenated (`task.metric=matched_mismatched_accuracy`, tasks/glue.py).
 
 `orientation: standard` (default) is DoRA's: one magnitude per output row, W' = W0 at initialisation.
 `orientation: official` reproduces the official code (t2ance/BiDoRA, digest B1): magnitudes per *column*

