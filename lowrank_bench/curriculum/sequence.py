@@ -99,8 +99,7 @@ class Sequence:
             raise LrbenchError(f"task.sequence names unknown stage(s) {unknown}; defined stages: {choices(defined)}")
         if len(set(sequence)) != len(sequence):
             raise LrbenchError(f"task.sequence={sequence} repeats a stage; each stage keeps its own head")
-        protocol = cfg.get("protocol") or "paper"
-        protocols = cfg.get("protocols") or {"paper": {}}
+        protocol, protocols = cfg.protocol, cfg.protocols
         if protocol not in protocols:
             raise LrbenchError(f"task.protocol={protocol!r}; valid: {choices(protocols)}")
         extra = protocols[protocol] or {}
@@ -178,7 +177,7 @@ class Sequence:
         pc = self.cfg.perplexity
         if pc.mode == "none":
             return None
-        return perplexity.resolve_corpus(pc.get("corpus") or None, pc.get("source") or "auto", data_dir())
+        return perplexity.resolve_corpus(pc.corpus or None, pc.source, data_dir())
 
     def read_corpus(self, corpus: perplexity.Corpus | None, tokenizer):
         """The corpus as token ids, tokenised once for every measurement of the run."""
@@ -199,7 +198,7 @@ class Sequence:
             return
         pc = self.cfg.perplexity
         result = perplexity.score(self.bank.model.lm, self.corpus_ids, pc.mode, pc.get("context"), pc.get("stride"),
-                                  pc.get("max_tokens") or 10000, self.trainer.device, self.trainer.autocast,
+                                  pc.max_tokens, self.trainer.device, self.trainer.autocast,
                                   pc.get("corpus_tokens"))
         self.perplexities.append(result["perplexity"])
         self.scored_tokens = result["tokens"]

@@ -29,7 +29,7 @@ class SingleTask:
         return self.task.metric
 
     def attach_heads(self, model, head_modules, groups):
-        return groups, groups.get("head", [])
+        return groups, groups.get("head") or ()
 
     def plan(self, cfg, method, groups):
         return stages_for(self.task, method, groups, cfg.method, cfg.optimizer, cfg.trainer.epochs,
