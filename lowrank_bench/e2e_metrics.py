@@ -64,6 +64,7 @@ import argparse
 import atexit
 import csv
 import importlib.util
+import io
 import json
 import math
 import re
@@ -76,7 +77,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from lowrank_bench.errors import LrbenchError
+from lowrank_bench.errors import LrbenchError, input_text, report
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 COCO_METRICS = ("METEOR", "ROUGE_L", "CIDEr")
@@ -87,12 +88,12 @@ Refs = list[list[str]]  # the references of each MR
 
 
 # -- reading and writing the official formats -------------------------------------------------------------------
-def read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+def read_lines(path: Path, what: str = "references file") -> list[str]:
+    return [line.strip() for line in input_text(path, what).splitlines()]
 
 
 def read_hypotheses(path) -> list[str]:
-    return read_lines(path)
+    return read_lines(path, "hypotheses file")
 
 
 def is_table(path) -> bool:
@@ -102,8 +103,7 @@ def is_table(path) -> bool:
 def read_references(path) -> Refs:
     """References grouped per MR, from the grouped text format or a CSV/TSV with `mr` and `ref` columns."""
     path = Path(path)
-    if not path.is_file():
-        raise LrbenchError(f"references file {path} does not exist")
+    input_text(path, "references file")  # missing, a folder, not UTF-8: one line naming it
     return group_consecutive(read_table(path)) if is_table(path) else read_grouped_text(path)
 
 
@@ -137,28 +137,40 @@ def clean_field(text: str) -> str:
 
 
 def read_table(path: Path) -> list[tuple[str, str]]:
-    """(MR, reference) rows of an E2E CSV (or TSV), header `mr,ref` required; an empty reference is an error."""
-    delimiter = "\t" if str(path).lower().endswith(".tsv") else ","
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, delimiter=delimiter)
-        header = next(reader, None)
-        columns = [c.strip().lower() for c in header or []]
-        missing = [c for c in ("mr", "ref") if c not in columns]
-        if missing:
-            raise LrbenchError(f"{path}: malformed header, missing column(s) {missing}; found {header}; an E2E file "
-                               "has the columns mr,ref (one row per reference)")
-        mr_at, ref_at = columns.index("mr"), columns.index("ref")
-        rows = []
-        for record in reader:
-            if not record:
-                continue
-            if len(record) <= max(mr_at, ref_at):
-                raise LrbenchError(f"{path}:{reader.line_num}: malformed row with {len(record)} field(s); expected "
-                                   f"{len(columns)} ({', '.join(columns)})")
-            mr, ref = clean_field(record[mr_at]), clean_field(record[ref_at])
-            if not ref:
-                raise LrbenchError(f"{path}:{reader.line_num}: empty reference for MR {mr!r}; every row needs text")
-            rows.append((mr, ref))
+    """(MR, reference) rows of an E2E CSV (or TSV), header `mr,ref` required. As the official reader (which reads
+    one row per line and refuses a line with the wrong number of values), a row is one line with the header's
+    fields: a quote left open (which would swallow the lines after it into one field) and a row with more fields
+    than the header (an unquoted comma, which would cut the reference short) are errors naming the file and line,
+    as is an empty reference."""
+    delimiter, separator = ("\t", "tab") if str(path).lower().endswith(".tsv") else (",", "comma")
+    reader = csv.reader(io.StringIO(input_text(path, "E2E file"), newline=""), delimiter=delimiter)
+    header = next(reader, None)
+    columns = [c.strip().lower() for c in header or []]
+    missing = [c for c in ("mr", "ref") if c not in columns]
+    if missing:
+        raise LrbenchError(f"{path}: malformed header, missing column(s) {missing}; found {header}; an E2E file "
+                           "has the columns mr,ref (one row per reference)")
+    mr_at, ref_at = columns.index("mr"), columns.index("ref")
+    rows = []
+    end = reader.line_num
+    for record in reader:
+        start, end = end + 1, reader.line_num
+        if end > start or any("\n" in field or "\r" in field for field in record):
+            span = f"lines {start}-{end} would be read as one row" if end > start else "it runs to the end of the file"
+            raise LrbenchError(f"{path}:{start}: a quote opened on this line is not closed on it ({span}); an E2E row "
+                               "is one line: close the quote, and write a quote inside a field as \"\"")
+        if not record:
+            continue
+        if len(record) > len(columns):
+            raise LrbenchError(f"{path}:{start}: malformed row with {len(record)} fields; expected {len(columns)} "
+                               f"({', '.join(columns)}): quote a field that holds a {separator}")
+        if len(record) <= max(mr_at, ref_at):
+            raise LrbenchError(f"{path}:{start}: malformed row with {len(record)} field(s); expected "
+                               f"{len(columns)} ({', '.join(columns)})")
+        mr, ref = clean_field(record[mr_at]), clean_field(record[ref_at])
+        if not ref:
+            raise LrbenchError(f"{path}:{start}: empty reference for MR {mr!r}; every row needs text")
+        rows.append((mr, ref))
     if not rows:
         raise LrbenchError(f"{path}: no rows under the header")
     return rows
@@ -512,8 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         scores = score(read_references(args.refs), read_hypotheses(args.hyp))
     except LrbenchError as err:
-        print(f"lrbench-e2e-metrics: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     if args.digits is not None:
         scores = {k: round(v, args.digits) if isinstance(v, float) else v for k, v in scores.items()}
     print(json.dumps({**{m: scores.get(m) for m in METRICS}, **scores}))

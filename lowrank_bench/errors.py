@@ -1,4 +1,11 @@
 """One exception type for every user-facing error: the CLI prints its message and exits non-zero."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+#: the exit status of every refusal of bad input (argparse's own usage errors exit 2 too)
+BAD_INPUT = 2
 
 
 class LrbenchError(Exception):
@@ -7,3 +14,29 @@ class LrbenchError(Exception):
 
 def choices(valid) -> str:
     return ", ".join(sorted(map(str, valid)))
+
+
+def input_text(path, what: str) -> str:
+    """The text of a file the user named (`what`: "results CSV", "hypotheses file", ...): a missing path, a folder,
+    an unreadable file or bytes that are not UTF-8 are one line naming it, never a traceback. A BOM is dropped."""
+    path = Path(path)
+    if path.is_dir():
+        raise LrbenchError(f"{what} {path} is a folder; give a file")
+    if not path.exists():
+        raise LrbenchError(f"{what} {path}: no such file; give the path of an existing file")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise LrbenchError(f"{what} {path}: cannot be read ({err.strerror}); give a readable file") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise LrbenchError(f"{what} {path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x}); save the file as "
+                           "UTF-8") from None
+
+
+def report(err: LrbenchError, prog: str = "lrbench") -> int:
+    """A side tool's refusal: `<prog> error: <message>` on stderr, as `lrbench` prints it; returns BAD_INPUT."""
+    print(f"{prog} error: {err}", file=sys.stderr, flush=True)
+    return BAD_INPUT

@@ -37,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from lowrank_bench import validate
+from lowrank_bench.errors import LrbenchError, input_text, report
 from lowrank_bench.results import PROJECT_ROOT, config_hash, read_rows
 from lowrank_bench.tables import metric_value, unit_scale
 
@@ -86,7 +87,21 @@ class Table:
 
 
 def load_registry(path: Path = REGISTRY) -> dict:
-    return yaml.safe_load(Path(path).read_text())
+    """The registry of tables; a missing, folder, non-UTF-8 or malformed file is one line naming it."""
+    try:
+        registry = yaml.safe_load(input_text(path, "registry"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise LrbenchError(f"registry {path}{where}: not valid YAML ({problem}); see conf/reproduce/tables.yaml") \
+            from None
+    mapping = registry if isinstance(registry, dict) else {}
+    lacking = [k for k in ("scales", "tables") if not isinstance(mapping.get(k), dict)]
+    if lacking:
+        raise LrbenchError(f"registry {path}: no {' and no '.join(lacking)} mapping; a registry has `scales:` and "
+                           "`tables:` (see conf/reproduce/tables.yaml)")
+    return registry
 
 
 def fill(template: dict, variables: dict) -> dict:
@@ -185,9 +200,9 @@ def plan(registry: dict, scale: str, names: list[str] | None = None, seeds: list
     tables = registry["tables"]
     unknown = [n for n in names or [] if n not in tables]
     if unknown:
-        raise SystemExit(f"unknown table(s) {unknown}; valid: {', '.join(tables)}")
+        raise LrbenchError(f"--table: unknown table(s) {unknown}; valid: {', '.join(tables)}")
     if scale not in registry["scales"]:
-        raise SystemExit(f"--scale {scale}: valid: {', '.join(registry['scales'])}")
+        raise LrbenchError(f"--scale {scale}: valid: {', '.join(registry['scales'])}")
     return [plan_table(n, tables[n], scale, registry["scales"], seeds, extra) for n in names or tables]
 
 
@@ -743,14 +758,38 @@ def parse_overrides(items: list[str]) -> dict:
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--override {item}: write key=value, e.g. --override task.data_dir=/data/cola")
+            raise LrbenchError(f"--override {item}: write key=value, e.g. --override task.data_dir=/data/cola")
         key, value = item.split("=", 1)
         out[key] = yaml.safe_load(value) if value else ""
     return out
 
 
+def parse_seeds(text: str | None) -> list[int] | None:
+    """`--seeds 0,1,2`: integers >= 0, comma-separated; None (the registry's seeds) when not given."""
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.isdigit() for item in items):
+        bad = next(item for item in items if not item.isdigit())
+        raise LrbenchError(f"--seeds {text}: {bad!r} is not a seed; give integers >= 0 separated by commas, e.g. "
+                           "--seeds 0,1,2")
+    return [int(item) for item in items]
+
+
+def check_inputs(args) -> None:
+    """The files and folders the command line names, before anything is composed or run."""
+    input_text(args.papers, "published numbers")
+    if args.csv and Path(args.csv).exists():  # a results CSV that does not exist yet is made by the runs
+        input_text(args.csv, "results CSV")
+    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
+        raise LrbenchError(f"--output {args.output} is a file; give a folder for the tables")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command: 0 when every table rendered and every run ran; 1 when a sweep failed or a configuration was
+    refused while others ran; 2 (one line) on bad input, including a plan whose every configuration is refused."""
+    parser = argparse.ArgumentParser(prog="python -m lowrank_bench.reproduce", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", default=os.environ.get("SCALE") or "full", help="full (default) or smoke")
     parser.add_argument("--table", action="append", help="a table of the registry (repeatable; default: all)")
     parser.add_argument("--collect-only", action="store_true",
@@ -764,10 +803,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="where tables go (default: the scale's output in the registry)")
     parser.add_argument("--csv", help="the results CSV (default: <output>/runs.csv)")
     args = parser.parse_args(argv)
+    try:
+        return reproduce(args)
+    except LrbenchError as err:
+        return report(err)
 
+
+def reproduce(args) -> int:
     started = time.perf_counter()
+    seeds = parse_seeds(args.seeds)
+    check_inputs(args)
     registry = load_registry(Path(args.registry))
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     papers = paper_numbers(Path(args.papers))
     tables = [add_published_cells(t, papers)
               for t in plan(registry, args.scale, args.table, seeds, parse_overrides(args.override))]
@@ -780,6 +826,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(plan_.pending)} to do in {len(blocks)} sweep(s); rows: {csv_path}", flush=True)
     for overrides, error in plan_.errors.items():
         print(f"refused before running ({error}): {' '.join(override_args(overrides))}")
+    if plan_.errors and not plan_.keys:
+        raise LrbenchError(f"every configuration was refused ({len(plan_.errors)}, reasons above); nothing can run: "
+                           "fix the presets or the --override values")
     if args.dry_run:
         for block in blocks:
             print("lrbench -m " + " ".join(sweep_command(block)[4:]))
@@ -797,7 +846,9 @@ def main(argv: list[str] | None = None) -> int:
     write_index(rendered, output, failed)
     print(f"wrote {len(tables)} table(s) to {output} in {time.perf_counter() - started:.1f} s"
           + (f"; {len(failed)} sweep(s) failed:\n  " + "\n  ".join(failed) if failed else ""))
-    return 1 if failed else 0
+    if plan_.errors:
+        print(f"{len(plan_.errors)} configuration(s) refused before running (listed above): their cells are missing")
+    return 1 if failed or plan_.errors else 0
 
 
 if __name__ == "__main__":

@@ -65,3 +65,77 @@ def test_a_rows_value_is_its_best_evaluation_else_its_own_column_and_blank_is_no
     assert (unit_scale(None), unit_scale("fraction"), unit_scale("raw")) == (100.0, 1.0, 1.0)
     with pytest.raises(ValueError):
         unit_scale("permille")
+
+
+# -- every metric in its own unit ------------------------------------------------------------------------------------
+def grid(text: str) -> dict[str, dict[str, str]]:
+    """A printed comparison as {task: {heading: cell}}, from its header line (┃) and its rows (│)."""
+    header = next(line for line in text.splitlines() if line.startswith("┃") and "task" in line)
+    names = [cell.strip() for cell in header.strip("┃").split("┃")]
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("│"):
+            cells = [cell.strip() for cell in line.strip("│").split("│")]
+            out[cells[0]] = dict(zip(names, cells))
+    return out
+
+
+def test_a_mixed_results_csv_prints_every_metric_in_its_own_unit(tmp_path, capsys):
+    from lowrank_bench import tables
+    from lowrank_bench.results import append_row
+
+    csv_path = tmp_path / "runs.csv"
+    common = {"model": "m", "trainable_params": "1000", "time_per_step_ms": "12.5", "status": "finished"}
+    for seed, accuracy in ((0, 0.8725), (1, 0.8775)):
+        append_row(csv_path, {"method": "lora", "task": "glue/mrpc", "seed": seed, **common,
+                              "best_accuracy": accuracy, "best_f1": 0.9061, "best_step": 40})
+    append_row(csv_path, {"method": "lora", "task": "ner/conll2003", "seed": 0, **common, "best_f1": 0.8428,
+                          "best_precision": 0.8323, "best_step": 40})
+    append_row(csv_path, {"method": "lora", "task": "e2e", "seed": 0, **common, "best_BLEU": 0.6812,
+                          "best_NIST": 1.7102, "best_METEOR": 0.4512, "best_ROUGE_L": 0.7034, "best_CIDEr": 2.3039})
+    append_row(csv_path, {"method": "lora", "task": "sft/law", "seed": 0, **common, "best_eval_loss": 10.312,
+                          "best_perplexity": 30092.0, "best_token_accuracy": 0.0421})
+    append_row(csv_path, {"method": "curlora", "task": "continual/offline", "seed": 0, **common,
+                          "metric": "final_average_accuracy", "final_average_accuracy": 0.5538,
+                          "backward_transfer": 0.0016667, "average_forgetting": -0.0033, "ppl_before": 15.1959,
+                          "ppl_after": 15.2676, "final_accuracy_mrpc": 0.635, "degenerate": False})
+    capsys.readouterr()
+    assert tables.main([str(csv_path)]) == 0
+    text = capsys.readouterr().out
+    cells = grid(text)
+    assert cells["glue/mrpc"]["accuracy (%)"] == "87.50 ± 0.35" and cells["glue/mrpc"]["f1 (%)"] == "90.61 ± 0.00"
+    assert cells["ner/conll2003"]["f1 (%)"] == "84.28" and cells["ner/conll2003"]["precision (%)"] == "83.23"
+    e2e = cells["e2e"]
+    assert (e2e["BLEU (%)"], e2e["METEOR (%)"], e2e["ROUGE_L (%)"]) == ("68.12", "45.12", "70.34")
+    assert (e2e["NIST"], e2e["CIDEr"]) == ("1.71", "2.30")  # raw: never x100
+    sft = cells["sft/law"]
+    assert (sft["perplexity"], sft["eval_loss"], sft["token_accuracy (%)"]) == ("30,092.00", "10.31", "4.21")
+    continual = cells["continual/offline"]
+    assert continual["final_average_accuracy (%)"] == "55.38" and continual["backward_transfer (%)"] == "0.17"
+    assert continual["average_forgetting (%)"] == "-0.33" and continual["final_accuracy_mrpc (%)"] == "63.50"
+    assert (continual["ppl_before"], continual["ppl_after"]) == ("15.20", "15.27")
+    assert continual["accuracy (%)"] == "–" and cells["glue/mrpc"]["perplexity"] == "–"
+    assert "3,009,200" not in text and "1031.20" not in text and "171.02" not in text and "…" not in text
+
+
+def test_each_metric_has_one_declared_kind_whatever_its_split_or_column_prefix():
+    from lowrank_bench import metric_kinds
+    from lowrank_bench.e2e_metrics import METRICS as E2E
+    from lowrank_bench.tasks.ner import METRICS as NER
+
+    fraction, raw = metric_kinds.FRACTION, metric_kinds.RAW
+    assert [metric_kinds.kind(m) for m in E2E] == [fraction, raw, fraction, fraction, raw]
+    assert {metric_kinds.kind(f"best_{m}") for m in NER} == {fraction}
+    assert metric_kinds.kind("best_matched_accuracy") == fraction and metric_kinds.kind("last_test_NIST") == raw
+    assert metric_kinds.kind("search_best_accuracy") == fraction
+    assert metric_kinds.kind("final_accuracy_sst2") == fraction
+    assert metric_kinds.kind("best_perplexity") == raw and metric_kinds.kind("ppl_after") == raw
+    assert metric_kinds.kind("best_mystery") is None
+    assert tables_number(0.8725, fraction) == "87.25" and tables_number(30092.0, raw) == "30,092.00"
+    assert tables_number(0.0123, raw) == "0.0123" and tables_number(0.0123, None) == "0.0123"
+
+
+def tables_number(value, kind):
+    from lowrank_bench.tables import number
+
+    return number(value, kind)
