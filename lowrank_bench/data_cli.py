@@ -221,14 +221,18 @@ def e2e_render(rows: dict[str, Rows], names: Names) -> dict[str, str]:
 # -- WikiText-2 (Salesforce/wikitext) -> wikitext-2/valid.txt, wikitext-2/wiki.test.raw ----------------------------
 def wikitext_tokens(rows: Rows) -> str:
     """`wiki.valid.tokens`: `datasets` keeps each line with its newline and turns the blank lines (" ") into "" rows;
-    this puts them back."""
-    return "".join(r["text"] if r["text"].strip() else " \n" for r in rows)
+    this puts them back (a copy whose rows lost their newline gets it back too)."""
+    return "".join(line(r["text"]) if r["text"].strip() else " \n" for r in rows)
+
+
+def line(text: str) -> str:
+    return text if text.endswith("\n") else text + "\n"
 
 
 def wikitext_raw(rows: Rows) -> str:
     """CURLoRA's corpus as a file: the non-empty rows joined (`"".join(s for s in rows if s != "")`), so that the
     file read back is the string the Hub path builds (perplexity.hub_text)."""
-    return "".join(r["text"] if r["text"].endswith("\n") else r["text"] + "\n" for r in rows if r["text"].strip())
+    return "".join(line(r["text"]) for r in rows if r["text"].strip())
 
 
 def wikitext_render(rows: dict[str, Rows], names: Names) -> dict[str, str]:

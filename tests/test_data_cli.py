@@ -219,6 +219,8 @@ def test_wikitext_valid_tokens_written_from_hub_rows_is_the_shared_file(monkeypa
     assert local.path == tmp_path / "wikitext-2/wiki.test.raw"
     assert local.text() == "".join(r["text"] for r in raw_rows)
     assert perplexity.resolve_corpus(None, "auto", tmp_path).text() == valid.read_text(encoding="utf-8")
+    stripped = [{"text": r["text"].rstrip("\n")} for r in valid_rows]  # a copy whose rows lost their newline
+    assert data_cli.wikitext_tokens(stripped) == valid.read_text(encoding="utf-8")
 
 
 # -- Sentiment140 ---------------------------------------------------------------------------------------------------
