@@ -41,6 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowrank_bench.errors import LrbenchError, choices, report
+from lowrank_bench.hub import host as hub_host
+from lowrank_bench.hub import offline as hub_offline
+from lowrank_bench.hub import reachable as hub_reachable
 from lowrank_bench.tasks.glue import GLUE
 from lowrank_bench.tasks.glue import HUB_DATASET as GLUE_HUB
 
@@ -346,8 +349,6 @@ def resolve_names(names: list[str]) -> list[Dataset]:
 
 # -- download -------------------------------------------------------------------------------------------------------
 def unreachable(dataset: Dataset) -> LrbenchError:
-    from lowrank_bench.models import hub_host
-
     return LrbenchError(f"the Hub ({hub_host()}) cannot be reached and {dataset.hub} is not in the local Hugging Face "
                         f"cache: run `{PROG} get {dataset.name}` on a machine with internet (a login node), then point "
                         f"LRBENCH_DATA_DIR at the folder it fills")
@@ -357,8 +358,6 @@ def download(dataset: Dataset, max_rows: int | None) -> tuple[dict[str, Rows], N
     """The rows of every split the dataset needs, and the ClassLabel names of its label columns. With the Hub out
     of reach, a copy in the local HF cache still loads (offline mode, no retries); otherwise one line, at once."""
     import datasets
-
-    from lowrank_bench.models import hub_offline, hub_reachable
 
     online = hub_reachable()
     rows: dict[str, Rows] = {}
