@@ -253,11 +253,11 @@ needs_raw_test = pytest.mark.skipif(RAW_TEST is None or not RAW_TEST.is_file(),
 def test_curlora_presets_score_the_raw_test_split_read_from_the_shared_file(preset, window):
     from transformers import AutoTokenizer
 
-    from lowrank_bench import tasks
+    from lowrank_bench import curriculum
 
     cfg = compose_cfg(f"experiment={preset}")
     assert cfg.task.perplexity.max_tokens == window  # GPT-2: the code's max_len (code/utils.py:21,30)
-    corpus = tasks.build(cfg.task).perplexity_corpus()
+    corpus = curriculum.build(cfg).perplexity_corpus()
     assert corpus.path == RAW_TEST and corpus.label == f"wikitext-2-raw-v1/test: {RAW_TEST}"
     text = corpus.text()
     lines = RAW_TEST.read_bytes().decode("utf-8").split("\n")
@@ -284,10 +284,10 @@ def test_curlora_presets_score_the_raw_test_split_read_from_the_shared_file(pres
 
 @needs_data
 def test_the_offline_sequence_keeps_the_tokenised_validation_file():
-    from lowrank_bench import tasks
+    from lowrank_bench import curriculum
 
     cfg = compose_cfg("task=continual/offline", "model=smollm2-135m")
-    corpus = tasks.build(cfg.task).perplexity_corpus()
+    corpus = curriculum.build(cfg).perplexity_corpus()
     assert corpus.path == DATA / "wikitext-2" / "valid.txt" and corpus.label == str(corpus.path)
     assert "<unk>" in corpus.text()
 
