@@ -40,10 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lowrank_bench import hub
 from lowrank_bench.errors import LrbenchError, choices, report
-from lowrank_bench.hub import host as hub_host
-from lowrank_bench.hub import offline as hub_offline
-from lowrank_bench.hub import reachable as hub_reachable
 from lowrank_bench.tasks.glue import GLUE
 from lowrank_bench.tasks.glue import HUB_DATASET as GLUE_HUB
 
@@ -349,7 +347,7 @@ def resolve_names(names: list[str]) -> list[Dataset]:
 
 # -- download -------------------------------------------------------------------------------------------------------
 def unreachable(dataset: Dataset) -> LrbenchError:
-    return LrbenchError(f"the Hub ({hub_host()}) cannot be reached and {dataset.hub} is not in the local Hugging Face "
+    return LrbenchError(f"the Hub ({hub.host()}) cannot be reached and {dataset.hub} is not in the local Hugging Face "
                         f"cache: run `{PROG} get {dataset.name}` on a machine with internet (a login node), then point "
                         f"LRBENCH_DATA_DIR at the folder it fills")
 
@@ -359,7 +357,7 @@ def download(dataset: Dataset, max_rows: int | None) -> tuple[dict[str, Rows], N
     of reach, a copy in the local HF cache still loads (offline mode, no retries); otherwise one line, at once."""
     import datasets
 
-    online = hub_reachable()
+    online = hub.reachable()
     rows: dict[str, Rows] = {}
     names: Names = {}
     for split in dataset.splits:
@@ -373,7 +371,7 @@ def download(dataset: Dataset, max_rows: int | None) -> tuple[dict[str, Rows], N
                 table = datasets.load_dataset(**kwargs)
                 rows[split] = table.to_list()
             else:
-                with hub_offline():  # a copy in the local HF cache still loads, without the client's retries
+                with hub.offline():  # a copy in the local HF cache still loads, without the client's retries
                     table = datasets.load_dataset(**kwargs)
                 rows[split] = (table.select(range(min(max_rows, len(table)))) if max_rows else table).to_list()
         except Exception as err:  # noqa: BLE001 - datasets raises many types; each becomes one line

@@ -11,7 +11,8 @@ import io
 import pytest
 from omegaconf import OmegaConf
 
-from lowrank_bench import data_cli, mc_eval, perplexity
+from lowrank_bench import data_cli, perplexity
+from lowrank_bench.evaluations import multiple_choice
 from lowrank_bench.e2e_metrics import read_table
 from lowrank_bench.tasks import e2e as e2e_task
 from lowrank_bench.tasks.glue import GlueTask
@@ -270,8 +271,8 @@ def test_mmlu_items_read_from_the_written_folder_equal_the_hub_items(monkeypatch
                           OmegaConf.load(CONF / "eval" / "mc" / "mmlu_medicine.yaml"))
     cfg.pop("defaults")
     cfg.data_dir, cfg.subjects = str(tmp_path / "mc/mmlu"), ["anatomy", "virology"]
-    subjects, _ = mc_eval.load_items(cfg)
-    hub = [mc_eval.item_from_record(r, r["subject"], "hub") for r in rows]
+    subjects, _ = multiple_choice.load_items(cfg)
+    hub = [multiple_choice.item_from_record(r, r["subject"], "hub") for r in rows]
 
     def key(i):
         return i.subject, i.question, i.options, i.answer
@@ -391,12 +392,12 @@ def test_default_folder_is_lrbench_data_dir_else_data(monkeypatch, tmp_path):
 def test_a_hub_that_answers_but_fails_to_load_is_one_line_naming_the_dataset(monkeypatch, tmp_path, capsys):
     import datasets
 
-    from lowrank_bench import models
+    from lowrank_bench import hub
 
     def broken(**kwargs):
         raise ConnectionError("read timed out\nsecond line of a long report")
 
-    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(hub, "reachable", lambda *a, **k: True)
     monkeypatch.setattr(datasets, "load_dataset", broken)
     code = data_cli.main(["get", "wikitext-2", "--to", str(tmp_path / "data")])
     err = one_line_refusal(capsys, code)
