@@ -5,8 +5,8 @@ The model is rebuilt as the run built it (its resolved config: model, method, ta
 head are loaded, and the task's evaluation splits are scored, or those of another task named on the command line
 (`task=...`, whose head must fit the saved one). The device, precision and evaluation batch size are this command's.
 A sequence's tasks are each scored with their own head (the curriculum's `score`). The row (results CSV and
-summary.json in this command's folder) says `mode=eval`, which adapter and which run it evaluated; the metrics carry their plain names
-(`accuracy`, `f1`, `test_f1`, ...), one value each, as the run's `last_*` columns recorded them.
+summary.json in this command's folder) says `mode=eval`, which adapter and which run it evaluated; the metrics carry
+their plain names (`accuracy`, `f1`, `test_f1`, ...), one value each, as the run's `last_*` columns recorded them.
 """
 from __future__ import annotations
 

@@ -377,7 +377,8 @@ def model_card(run_cfg: DictConfig, summary: dict, fmt: str, head, pad_token_id:
         *(["- the run's last evaluation predicted a single class (`degenerate` in its summary)"]
           if summary.get("degenerate") else []),
         "", "## Metrics of the run", "", "| measure | value |", "|---|---|", *metric_lines(summary),
-        "", "## Loading", "", usage(fmt, head_kind(head).auto_class, base, base_kwargs(head, pad_token_id, decoder)), "",
+        "", "## Loading", "",
+        usage(fmt, head_kind(head).auto_class, base, base_kwargs(head, pad_token_id, decoder)), "",
     ]
     if decoder and head.kind == "sequence_classification":
         lines += [("The classifier reads the last non-pad token: pad on the right and pass no token_type_ids "
