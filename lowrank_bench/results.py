@@ -29,14 +29,19 @@ LEADING_COLUMNS = ["timestamp", "method", "model", "task", "seed", "rank", "trai
 
 # -- provenance -------------------------------------------------------------------------------------------------
 def git_commit() -> str:
+    """The commit of the code, `-dirty` when tracked files differ from it. Where there is no repository to ask (the
+    Docker image: .git stays out of its build context), $LRBENCH_GIT_COMMIT, which the image sets from its
+    GIT_COMMIT build argument (`make docker-build` computes it the same way as here)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
                                 timeout=5).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+                               capture_output=True, text=True, timeout=5).stdout.strip() if commit else ""
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{commit}{'-dirty' if dirty else ''}" if commit else "unknown"
+        commit = ""
+    if commit:
+        return f"{commit}{'-dirty' if dirty else ''}"
+    return os.environ.get("LRBENCH_GIT_COMMIT", "").strip() or "unknown"
 
 
 def versions() -> dict[str, str]:
@@ -222,7 +227,7 @@ def append_row(path: Path, row: dict) -> None:
     union of the columns; otherwise the row is one write() at the end of the file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock", timeout=300):
+    with csv_lock(path):
         header: list[str] = []
         if path.is_file() and path.stat().st_size > 0:
             heal(path)
@@ -233,20 +238,41 @@ def append_row(path: Path, row: dict) -> None:
             with open(path, "a", newline="") as handle:
                 handle.write(render_rows(header, [row], with_header=False))
             return
-        rows = []
-        if header:
-            with open(path, newline="") as handle:
-                rows = list(csv.DictReader(handle))
-            ragged = [r for r in rows if None in r]  # more cells than the header: not ours to guess
-            if ragged:
-                cells = io.StringIO()
-                csv.writer(cells, lineterminator="\n").writerows([r[h] for h in header] + r[None] for r in ragged)
-                quarantine(path, cells.getvalue())
-                rows = [r for r in rows if None not in r]
-        columns = order_columns(header + new)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(render_rows(columns, rows + [row], with_header=True))
-        os.replace(tmp, path)
+        replace_rows(path, header + new, whole_rows(path, header) + [row])
+
+
+def whole_rows(path: Path, header: list[str]) -> list[dict]:
+    """Every row of the file whose cells fit its header; a ragged one (more cells than the header: not ours to guess)
+    moves to `<csv>.torn`, kept whole for a person to judge. Call under `csv_lock`, after `heal`."""
+    if not header:
+        return []
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    ragged = [r for r in rows if None in r]
+    if ragged:
+        cells = io.StringIO()
+        csv.writer(cells, lineterminator="\n").writerows([r[h] for h in header] + r[None] for r in ragged)
+        quarantine(path, cells.getvalue())
+    return [r for r in rows if None not in r]
+
+
+def csv_lock(path: Path) -> FileLock:
+    """The results CSV's exclusive lock (`<csv>.lock`), held by every writer of the file."""
+    return FileLock(str(path) + ".lock", timeout=300)
+
+
+def replace_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Rewrite the whole file atomically (a temp file beside it, then a rename): `columns` in lrbench's order, then
+    `rows`. Call under `csv_lock`."""
+    tmp = path.with_suffix(f".{platform.node()}.{os.getpid()}.tmp")  # the host too: nodes share the folder
+    tmp.write_text(render_rows(order_columns(columns), rows, with_header=True))
+    os.replace(tmp, path)
+
+
+def row_of(summary: dict) -> dict:
+    """The CSV row a run appended, from its summary.json: `write_run_files` wrote the row and then the tables
+    (`tables_of`: the only dict and list values) beside it."""
+    return {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
 
 
 def heal(path: Path) -> None:
