@@ -136,12 +136,21 @@ def stage_steps(history) -> dict:
     return {f"{name.replace('/', '_')}_steps": n for name, n in steps.items()} if len(steps) > 1 else {}
 
 
-def discard_if_untouched(run_dir: Path) -> None:
-    """A run refused before it wrote anything leaves no folder: Hydra made it (its .hydra/ and the job's log)."""
+def discard_if_untouched(run_dir: Path, output_root: Path) -> None:
+    """A run refused before it wrote anything leaves no folder: Hydra made it (its .hydra/ and the job's log), and
+    the folders above it up to `output_dir` when they hold nothing else."""
     import shutil
 
-    if run_dir.is_dir() and all(p.name in (".hydra", "train.log") for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if not (run_dir.is_dir() and all(p.name in (".hydra", "train.log") for p in run_dir.iterdir())):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    root, folder = output_root.resolve(), run_dir.resolve().parent
+    while folder.is_relative_to(root):
+        try:
+            folder.rmdir()  # only an empty folder goes
+        except OSError:
+            break
+        folder = folder.parent
 
 
 def command_line_groups() -> set[str]:
@@ -167,7 +176,7 @@ def job(cfg: DictConfig) -> float | None:
             summary = run(cfg, distributed.main_folder(run_dir))
     except LrbenchError as err:
         console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
-        discard_if_untouched(run_dir)
+        discard_if_untouched(run_dir, Path(cfg.output_dir))
         if sweep.in_sweep():  # the other jobs go on; the sweep's end lists this one and exits 1
             sweep.record_failure(err)
             return None

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lowrank_bench import e2e_metrics, reproduce, tables
+from lowrank_bench import e2e_metrics, reproduce, tables, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,18 @@ class Tool:
     main: Callable[[list[str]], int | None] | None = None
 
 
+def lrbench(argv: list[str]) -> int | None:
+    """`lrbench ARGV` in this process (Hydra's entry reads sys.argv): a second or so, where a subprocess takes ~13 s."""
+    saved = sys.argv
+    sys.argv = ["lrbench", *argv]
+    try:
+        return train.main()
+    finally:
+        sys.argv = saved
+
+
 TOOLS = {
+    "lrbench": Tool("lowrank_bench.train", lrbench),
     "tables": Tool("lowrank_bench.tables", tables.main),
     "e2e-metrics": Tool("lowrank_bench.e2e_metrics", e2e_metrics.main),
     "reproduce": Tool("lowrank_bench.reproduce", reproduce.main),
@@ -75,7 +86,13 @@ def e2e(refs: str, hyps: str = "hyp.txt") -> tuple[str, ...]:
     return (f"{{tmp}}/{refs}", f"{{tmp}}/{hyps}")
 
 
+TINY = ("model=tiny-roberta", "task=toy/sentiment", "logger=none")
+
 CASES = [
+    # lrbench itself (Hydra's entry, in process)
+    Case("lrbench rank below 1", "lrbench", (*TINY, "method.r=-1"), 2, ("method.r=-1", "integer > 0")),
+    Case("lrbench rank below 1 (subprocess)", "lrbench", (*TINY, "method.r=-1"), 2, ("method.r=-1", "integer > 0"),
+         via="python -m"),
     # python -m lowrank_bench.tables: the file
     Case("tables missing file", "tables", ("{tmp}/runs.csv",), 2, ("results CSV", "runs.csv", "no such file")),
     Case("tables missing file, cli", "tables", ("{tmp}/runs.csv",), 2, ("results CSV", "no such file"),
@@ -208,6 +225,11 @@ def run_case(case: Case, argv: list[str], capsys) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_line_naming_it_with_its_exit_status_and_nothing_left(case, tmp_path, monkeypatch, capsys):
+    check(case, tmp_path, monkeypatch, capsys)
+
+
+def check(case: Case, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The promise, for one case (other test files import this with their own CASES)."""
     monkeypatch.setenv("LRBENCH_RESULTS_CSV", str(tmp_path / "results" / "runs.csv"))
     monkeypatch.setenv("LRBENCH_OUTPUT_DIR", str(tmp_path / "outputs"))
     write(tmp_path, case.files)
