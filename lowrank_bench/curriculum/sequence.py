@@ -22,14 +22,27 @@ one stage: `+task.stages.mrpc.max_eval_samples=100`). `protocol` picks a named s
 (`task=continual/curlora task.protocol=notebook`). Precedence: the stage's definition, then the protocol's
 overrides, then `every_stage`.
 
+The setting is task-incremental (van de Ven & Tolias 2019), `continual_setting: task_incremental` in every row: a
+head per task, and the task's identity given at test time (each task is scored through its own head), so a task
+is never confused with another's classes; what can be forgotten is in the shared adapter (or backbone, for `ft`).
+
+`standalone_accuracy` (task key, default null) gives the stand-alone accuracy of some stages: the task trained alone
+from the same base on the same budget (`task.standalone_accuracy={sst2: 0.91, cola: 0.78}`, stage names as in
+`stages`, accuracies in [0, 1]; checked before training). It is the reference of the forward transfer
+(forgetting.forward_transfer: the mean over the tasks after the first of R[j][j] minus the stand-alone accuracy).
+
 What a run keeps (measures in forgetting.py): the accuracy matrix R[i][j] (task j after training task i), average
-accuracy, backward transfer and forgetting; each evaluation's metrics, confusion matrix and whether the classifier
-predicted a single class (`degenerate`), one line per (stage, task) in metrics.jsonl; the perplexity curve
-(`perplexity.*`). Files in the run folder: `accuracy_matrix.csv` and `forgetting.png` (accuracy of each task across
-the stages, perplexity on a second axis). The run's result row is one summary row: final average accuracy,
-backward transfer, average forgetting, perplexity before and after (with the corpus it scored, `ppl_corpus`, its
-text protocol, `ppl_protocol`, and the tokens scored, `ppl_tokens`), each task's final accuracy, and the matrix
-file it comes from.
+accuracy, backward transfer, forgetting and forward transfer; each evaluation's metrics, confusion matrix and
+whether the classifier predicted a single class (`degenerate`), one line per (stage, task) in metrics.jsonl, and in
+the checkpoint the `degenerate` flag per (stage, task) and each task's majority-class share (from its confusion
+matrix); the perplexity curve (`perplexity.*`). Files in the run folder: `accuracy_matrix.csv` and `forgetting.png`
+(titled with the task, method, model and seed: the accuracy of each task across the stages on [0, 1], its
+majority-class level dotted, degenerate points ringed in red; the perplexity's relative change in a panel below).
+The run's result row is one summary row: final average accuracy, backward transfer, average forgetting, forward
+transfer (None without a stand-alone accuracy after the first task) and the stand-alone accuracies it used
+(`standalone_<task>`), perplexity before and after (with the corpus it scored, `ppl_corpus`, its text protocol,
+`ppl_protocol`, and the tokens scored, `ppl_tokens`), each task's final accuracy, the matrix file it comes from,
+and `continual_setting`.
 """
 from __future__ import annotations
 
@@ -51,6 +64,8 @@ BUDGET_KEYS = ("epochs", "max_steps")
 OPTIMIZER_KEYS = ("lr", "schedule", "warmup_steps", "warmup_ratio", "weight_decay", "schedule_steps")
 TRAIN_ROWS = ("seeded", "first")
 MATRIX_METRIC = "accuracy"
+#: a head per task, the task's identity given at test time (module docstring)
+SETTING = "task_incremental"
 
 
 @dataclass
@@ -74,6 +89,8 @@ class Sequence:
     def __init__(self, cfg: DictConfig):
         self.cfg, self.seed = cfg.task, cfg.seed
         self.name = self.cfg.name
+        self.title = (f"{self.name} · {OmegaConf.select(cfg, 'method.name', default='?')} · "
+                      f"{OmegaConf.select(cfg, 'model.name', default='?')} · seed {self.seed}")
         self.plans = self.read_plans(self.cfg)
         self.tasks = [p.task for p in self.plans]
         self.head = self.tasks[0].head  # classification heads only (read_plans): known before preparation
@@ -81,7 +98,10 @@ class Sequence:
         self.bank: HeadBank | None = None
         self.task_heads: dict[str, list[torch.nn.Parameter]] = {}
         self.stages: list = []
+        self.standalone = read_standalone(self.cfg, self.names)
         self.matrix = forgetting.AccuracyMatrix(self.names)
+        self.degenerate: list[list[bool | None]] = [[None] * len(self.names) for _ in self.names]
+        self.majority: dict[str, float | None] = {}
         self.perplexities: list[float | None] = []
         self.final: dict[str, dict] = {}
         self.corpus, self.corpus_ids = None, None
@@ -221,6 +241,7 @@ class Sequence:
                 self.bank.use(plan.name)
                 metrics = self.trainer.evaluate_task(plan.task)
             self.matrix.record(current, plan.name, metrics[MATRIX_METRIC])
+            self.keep_diagnostics(current, j, plan.name, metrics)
             self.final[plan.name] = metrics
             self.trainer.write_record({"after_stage": stage.head, "stage_index": current, "task": plan.name,
                                        **metrics})
@@ -229,35 +250,51 @@ class Sequence:
         console.print(f"after {stage.head}: {row}")
         self.measure_perplexity(f"after {stage.head}")
 
+    def keep_diagnostics(self, stage: int, j: int, name: str, metrics: dict) -> None:
+        """For the figure: whether task j's classifier predicted one class after `stage`, and the task's
+        majority-class share (forgetting.majority_share of its confusion matrix; the same evaluation rows after
+        every stage)."""
+        if "degenerate" in metrics:
+            self.degenerate[stage][j] = bool(metrics["degenerate"])
+        if metrics.get("confusion") is not None:
+            self.majority[name] = forgetting.majority_share(metrics["confusion"])
+
     def is_last_stage_of_task(self, index: int, stage) -> bool:
         return index == len(self.stages) - 1 or self.stages[index + 1].head != stage.head
 
     # -- checkpoints (the trainer saves this with every checkpoint and puts it back on resume) --------------------
     def state_dict(self) -> dict:
         return {"rows": self.matrix.rows, "perplexities": self.perplexities, "final": self.final,
-                "scored_tokens": self.scored_tokens}
+                "scored_tokens": self.scored_tokens, "degenerate": self.degenerate, "majority": self.majority}
 
     def load_state_dict(self, state: dict) -> None:
         self.matrix.rows = [list(row) for row in state["rows"]]
         self.perplexities = list(state["perplexities"])
         self.final = dict(state["final"])
         self.scored_tokens = state.get("scored_tokens")  # absent from checkpoints written before it was kept
+        # absent from checkpoints written before the figure showed them: unknown, as if never recorded
+        self.degenerate = [list(row) for row in state.get("degenerate") or [[None] * len(self.names)
+                                                                          for _ in self.names]]
+        self.majority = dict(state.get("majority") or {})
 
     # -- outputs ------------------------------------------------------------------------------------------------
     def write_files(self, run_dir: Path, logger) -> None:
         self.matrix.to_csv(run_dir / "accuracy_matrix.csv")
         forgetting.plot_forgetting(run_dir / "forgetting.png", self.names, self.matrix.rows,
                                    self.perplexities if any(p is not None for p in self.perplexities) else None,
-                                   title=self.name)
+                                   title=self.title, majority=[self.majority.get(n) for n in self.names],
+                                   degenerate=self.degenerate)
         if logger:
             logger.log_matrix(self.names, self.matrix.rows, run_dir / "forgetting.png")
 
     def measures(self, history) -> dict:
         """The result row's measures."""
-        summary = self.matrix.summary()
-        out = {"final_average_accuracy": summary["average_accuracy"],
+        summary = self.matrix.summary(self.standalone)
+        out = {"continual_setting": SETTING,
+               "final_average_accuracy": summary["average_accuracy"],
                "backward_transfer": summary["backward_transfer"],
                "average_forgetting": summary["average_forgetting"],
+               "forward_transfer": summary["forward_transfer"],
                "ppl_before": self.perplexities[0] if self.perplexities else None,
                "ppl_after": self.perplexities[-1] if self.perplexities else None,
                "ppl_mode": self.cfg.perplexity.mode,
@@ -268,6 +305,9 @@ class Sequence:
             out[f"final_accuracy_{name}"] = self.matrix.rows[-1][self.names.index(name)]
         for name, value in summary["forgetting"].items():
             out[f"forgetting_{name}"] = value
+        for name in self.names:
+            if name in self.standalone:
+                out[f"standalone_{name}"] = self.standalone[name]
         degenerate = [n for n, m in self.final.items() if m.get("degenerate")]
         out["degenerate"] = bool(degenerate)
         out["degenerate_tasks"] = " ".join(degenerate)
@@ -293,6 +333,28 @@ class Sequence:
             finals.append(measured[MATRIX_METRIC])
             out.update({f"{plan.name}_{k}": v for k, v in measured.items() if results.is_metric(k, v)})
         return "average_accuracy", {"average_accuracy": sum(finals) / len(finals), **out}
+
+
+def read_standalone(cfg: DictConfig, names: list[str]) -> dict[str, float]:
+    """`task.standalone_accuracy` (stage -> accuracy in [0, 1], or null) for the stages of the sequence (`names`):
+    a stage defined in `stages` but left out of the sequence is accepted and unused; a null value is no reference.
+    Read with .get: a sequence YAML without the key has no reference."""
+    given = cfg.get("standalone_accuracy")
+    if given is None:
+        return {}
+    if not isinstance(given, (DictConfig, dict)):
+        raise LrbenchError(f"task.standalone_accuracy={given!r}; give a mapping stage -> accuracy in [0, 1] "
+                           f"(stages: {choices(names)}) or null")
+    given = OmegaConf.to_container(given, resolve=True) if isinstance(given, DictConfig) else dict(given)
+    defined = list(cfg.get("stages") or names)
+    unknown = [str(k) for k in given if k not in defined]
+    if unknown:
+        raise LrbenchError(f"task.standalone_accuracy names unknown stage(s) {unknown}; valid: {choices(defined)}")
+    for name, value in given.items():
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and 0 <= value <= 1):
+            raise LrbenchError(f"task.standalone_accuracy.{name}={value!r}; give an accuracy in [0, 1] (or null)")
+    return {name: float(value) for name, value in given.items() if value is not None and name in names}
 
 
 def keep_first_rows(task: Task) -> None:
