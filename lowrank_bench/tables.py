@@ -10,8 +10,10 @@ predicted one class are flagged; diverged runs are left out (and listed) unless 
 Each metric is shown in its own unit, by its kind in `metric_kinds` (never guessed from its name here): a
 fraction (accuracy, F1, BLEU, ...) as a percent, its column marked (%); a perplexity, a loss, NIST or CIDEr as it
 is. A continual run's row shows its own measures (final average accuracy, backward transfer, average forgetting,
-perplexity before and after, each task's final accuracy). Bad input (a missing, folder or non-UTF-8 file, a
-`--where`/`--show`/`--metric` column the file lacks, a filter that keeps nothing) is one line, exit status 2.
+perplexity before and after, each task's final accuracy) and one derived from them, `ppl_change` (%): the relative
+change of the perplexity over the sequence, ppl_after / ppl_before - 1, per run and then averaged over the seeds.
+Bad input (a missing, folder or non-UTF-8 file, a `--where`/`--show`/`--metric` column the file lacks, a filter that
+keeps nothing) is one line, exit status 2.
 
 Published numbers (results/paper_numbers.csv) are one per line: `source,method,model,task,metric,value` (what
 `--paper` joins on), then where the number is printed (`paper,table,row,column`), its `unit` (percent: ours are
@@ -62,9 +64,40 @@ def fmt_measure(values: list[float], kind: str | None) -> str:
     return mean if len(values) == 1 else f"{mean} ± {number(statistics.stdev(values), kind)}"
 
 
+def ppl_change(row: dict) -> float | None:
+    """A continual run's relative perplexity change over its sequence, ppl_after / ppl_before - 1 (a fraction:
+    0.05 is 5 % higher); None without both perplexities."""
+    before, after = numbers([row], "ppl_before"), numbers([row], "ppl_after")
+    if not before or not after or before[0] <= 0:
+        return None
+    return after[0] / before[0] - 1
+
+
+#: measures computed from a row's own columns: name -> (its kind, its function of the row, the column it follows)
+DERIVED = {"ppl_change": (metric_kinds.FRACTION, ppl_change, "ppl_after")}
+
+
+def kind_of(column: str) -> str | None:
+    """A column's kind: a derived measure's declared one, else the registry's (`metric_kinds.kind`)."""
+    return DERIVED[column][0] if column in DERIVED else metric_kinds.kind(column)
+
+
+def with_derived(row: dict) -> dict:
+    """The row with each derived measure it has the columns for, right after the column it derives from."""
+    extra = {name: value for name, (_, function, _) in DERIVED.items() if (value := function(row)) is not None}
+    if not extra:
+        return row
+    out = {}
+    for key, value in row.items():
+        out[key] = value
+        out.update({name: v for name, v in extra.items() if DERIVED[name][2] == key})
+    out.update({name: v for name, v in extra.items() if name not in out})
+    return out
+
+
 def heading(column: str) -> str:
     name = column.removeprefix("best_")
-    return f"{name} (%)" if metric_kinds.kind(column) == metric_kinds.FRACTION else name
+    return f"{name} (%)" if kind_of(column) == metric_kinds.FRACTION else name
 
 
 def numbers(rows: list[dict], column: str) -> list[float]:
@@ -85,7 +118,8 @@ def measure_columns(rows: list[dict]) -> list[str]:
     seen: list[str] = []
     for row in rows:
         for key in row:
-            if key and key not in seen and metric_kinds.is_measure_column(key) and numbers([row], key):
+            measure = metric_kinds.is_measure_column(key) or key in DERIVED
+            if key and key not in seen and measure and numbers([row], key):
                 seen.append(key)
     return seen
 
@@ -125,8 +159,9 @@ def seeds_cell(members: list[dict]) -> str:
 
 def comparison(rows: list[dict], metrics: list[str] | None = None, show: list[str] = ()) -> Table:
     """One line per configuration (task, model, method and the config hash: every setting but the seed), its
-    measures as mean ± std over its rows, each in its own unit (`metric_kinds`); `show` adds row columns (lr,
-    batch_size, ...) that tell the lines apart."""
+    measures as mean ± std over its rows, each in its own unit (`metric_kinds`; derived measures: `DERIVED`); `show`
+    adds row columns (lr, batch_size, ...) that tell the lines apart."""
+    rows = [with_derived(row) for row in rows]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["task"], row["model"], row["method"], row.get("config_hash") or "")].append(row)
@@ -140,7 +175,7 @@ def comparison(rows: list[dict], metrics: list[str] | None = None, show: list[st
         table.add_column(heading(metric), justify="right", overflow="fold")
     table.add_column("ms/step", justify="right")
     for (task, model, method, config), members in sorted(groups.items()):
-        cells = [fmt_measure(numbers(members, m), metric_kinds.kind(m)) for m in metrics]
+        cells = [fmt_measure(numbers(members, m), kind_of(m)) for m in metrics]
         step_ms = numbers(members, "time_per_step_ms")
         trainable = numbers(members[:1], "trainable_params")
         shown = [" ".join(sorted({str(r.get(k, "")) for r in members})) for k in show]
@@ -221,19 +256,24 @@ def select(rows: list[dict], conditions: list[str], path: Path) -> list[dict]:
     return rows
 
 
-def render(args) -> None:
-    path = Path(args.csv)
-    header, rows = load_rows(path, "results CSV", RESULT_COLUMNS)
-    conditions = args.where
+def check_where(conditions: list[str], header: list[str], path: Path) -> None:
+    """Every `--where` condition is key=value with a key the file has."""
     for condition in conditions:
         if "=" not in condition:
             raise LrbenchError(f"--where {condition}: write key=value, e.g. --where lr=1e-3")
         check_column(condition.split("=", 1)[0], header, "--where", path)
+
+
+def render(args) -> None:
+    path = Path(args.csv)
+    header, rows = load_rows(path, "results CSV", RESULT_COLUMNS)
+    conditions = args.where
+    check_where(conditions, header, path)
     show = [k for k in args.show.split(",") if k]
     for key in show:
         check_column(key, header, "--show", path)
     for metric in args.metric or []:
-        check_column(metric, header, "--metric", path)
+        check_column(metric, header + [d for d in DERIVED if d not in header], "--metric", path)
     if not rows:
         raise LrbenchError(f"results CSV {path}: a header but no result rows; give a file lrbench has written to")
     trained = [r for r in rows if r.get("mode", "train") != "eval"]  # evaluations: no best_*

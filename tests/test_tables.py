@@ -139,3 +139,37 @@ def tables_number(value, kind):
     from lowrank_bench.tables import number
 
     return number(value, kind)
+
+
+def test_a_continual_configuration_shows_acc_bwt_forgetting_and_the_perplexity_change_over_its_seeds(tmp_path,
+                                                                                                      capsys):
+    from lowrank_bench import tables
+    from lowrank_bench.results import append_row
+
+    csv_path = tmp_path / "runs.csv"
+    # two seeds of one configuration: ACC 0.8 / 0.6, BWT -0.1 / -0.05, forgetting 0.1 / 0.05, ppl 10 -> 12, 20 -> 21
+    for seed, acc, bwt, forgot, before, after in ((0, 0.8, -0.1, 0.1, 10.0, 12.0), (1, 0.6, -0.05, 0.05, 20.0, 21.0)):
+        append_row(csv_path, {"method": "curlora", "model": "gpt2", "task": "continual/offline", "seed": seed,
+                              "config_hash": "abcd1234", "status": "finished", "metric": "final_average_accuracy",
+                              "final_average_accuracy": acc, "backward_transfer": bwt, "average_forgetting": forgot,
+                              "forgetting_mrpc": forgot, "ppl_before": before, "ppl_after": after,
+                              "final_accuracy_mrpc": acc - 0.1, "matrix_csv": "accuracy_matrix.csv"})
+    append_row(csv_path, {"method": "lora", "model": "gpt2", "task": "glue/mrpc", "seed": 0, "best_accuracy": 0.9})
+    capsys.readouterr()
+    assert tables.main([str(csv_path)]) == 0
+    text = capsys.readouterr().out
+    cells = grid(text)
+    continual = cells["continual/offline"]
+    assert continual["seeds"] == "2"
+    # percent points: mean of 80 and 60 is 70, sample std sqrt(2 * 10^2) = 14.14; BWT -7.50 ± 3.54
+    assert continual["final_average_accuracy (%)"] == "70.00 ± 14.14"
+    assert continual["backward_transfer (%)"] == "-7.50 ± 3.54"
+    assert continual["average_forgetting (%)"] == "7.50 ± 3.54"
+    # perplexities as they are; the change per run, 12/10 - 1 = 20 % and 21/20 - 1 = 5 %, then 12.50 ± 10.61
+    assert (continual["ppl_before"], continual["ppl_after"]) == ("15.00 ± 7.07", "16.50 ± 6.36")
+    assert continual["ppl_change (%)"] == "12.50 ± 10.61" and cells["glue/mrpc"]["ppl_change (%)"] == "–"
+    header = next(line for line in text.splitlines() if line.startswith("┃"))
+    assert header.index("ppl_after") < header.index("ppl_change (%)") < header.index("final_accuracy_mrpc (%)")
+    # a derived measure can be asked for by name, as any column of the file
+    assert tables.main([str(csv_path), "--metric", "ppl_change", "--where", "task=continual/offline"]) == 0
+    assert grid(capsys.readouterr().out)["continual/offline"]["ppl_change (%)"] == "12.50 ± 10.61"
