@@ -41,9 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lowrank_bench import metric_kinds, tables
+from lowrank_bench import forgetting, metric_kinds, tables
 from lowrank_bench.errors import LrbenchError, choices, input_text, report
-from lowrank_bench.forgetting import write_atomically
 
 PROG = "lrbench-continual-plot"
 BANDS = {"minmax": "min–max over seeds", "std": "mean ± std over seeds"}
@@ -134,21 +133,14 @@ def read_records(folder: Path) -> list[dict]:
     return records
 
 
-def majority_share(confusion) -> float | None:
-    """What always predicting the most frequent true class scores: the largest row sum of a confusion matrix (rows =
-    true labels, metrics.confusion) over its total; None without examples."""
-    counts = np.asarray(confusion, dtype=float)
-    total = counts.sum() if counts.size else 0.0
-    return float(counts.sum(axis=1).max() / total) if counts.ndim == 2 and total > 0 else None
-
-
 def majority_levels(records: list[dict]) -> dict[str, float]:
-    """Each task's majority-class share, from its first evaluation line (`after_stage`, `task`, `confusion`)."""
+    """Each task's majority-class share (forgetting.majority_share: the largest true-class count over the total),
+    from its first evaluation line (`after_stage`, `task`, `confusion`)."""
     out: dict[str, float] = {}
     for record in records:
         task = record.get("task")
         if "after_stage" in record and task not in out and record.get("confusion") is not None:
-            share = majority_share(record["confusion"])
+            share = forgetting.majority_share(record["confusion"])
             if share is not None:
                 out[task] = share
     return out
@@ -275,7 +267,9 @@ def comparison_figure(groups: list[Group], band: str = "minmax", title: str = ""
         draw_task(axes[j], j, tasks, groups, styles, band)
     if with_ppl:
         draw_perplexity(axes[-1], tasks, groups, changes, styles, band)
-    top.legend(handles=legend_handles(groups, styles, band), loc="outside right upper", fontsize="small")
+    with_majority = any(run.majority for g in groups for run in g.runs)
+    top.legend(handles=legend_handles(groups, styles, band, with_majority), loc="outside right upper",
+               fontsize="small")
     draw_matrices(bottom, tasks, groups)
     fig.suptitle(title or default_title(groups))
     return fig
@@ -374,13 +368,14 @@ def draw_matrices(subfigure, tasks: list[str], groups: list[Group]) -> None:
     subfigure.colorbar(image, ax=list(axes), label="accuracy (mean over seeds)", shrink=0.9)
 
 
-def legend_handles(groups: list[Group], styles: dict, band: str) -> list:
+def legend_handles(groups: list[Group], styles: dict, band: str, with_majority: bool) -> list:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     handles = [Line2D([], [], color=styles[g.label].colour, marker="o", label=legend_label(g)) for g in groups]
     handles.append(Patch(facecolor="0.5", alpha=0.3, label=f"line: mean; band: {BANDS[band]}"))
-    handles.append(Line2D([], [], color="0.3", linestyle=":", linewidth=1.5, label="majority class"))
+    if with_majority:
+        handles.append(Line2D([], [], color="0.3", linestyle=":", linewidth=1.5, label="majority class"))
     return handles
 
 
@@ -401,7 +396,7 @@ def save(fig, path: Path) -> None:
     if path.is_dir():
         raise LrbenchError(f"--out {path} is a folder; give a file name such as {path / 'compare.png'}")
     try:  # the temporary name keeps the suffix: matplotlib picks the format from it
-        write_atomically(path, path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}"),
+        forgetting.write_atomically(path, path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}"),
                          lambda tmp: fig.savefig(tmp, dpi=120))
     except OSError as err:
         raise LrbenchError(f"--out {path}: cannot be written ({err.strerror}); give a writable path") from None

@@ -122,6 +122,7 @@ def test_the_figure_draws_each_methods_mean_per_task_the_perplexity_change_and_a
 
     legend = legend_texts(fig)
     assert legend[:2] == ["lora (n=2)", "curlora (n=2)"] and any("min–max over seeds" in t for t in legend)
+    assert "majority class" in legend
     assert "continual/offline" in fig._suptitle.get_text() and "tiny-gpt2" in fig._suptitle.get_text()
     assert "mrpc → sst2" in fig._suptitle.get_text()
 
@@ -143,11 +144,12 @@ def test_std_bands_and_no_perplexity_panel_without_perplexities(tmp_path):
 def test_without_metrics_jsonl_the_perplexity_comes_from_the_row_and_there_is_no_majority_level(tmp_path):
     csv_path = tmp_path / "runs.csv"
     write_run(tmp_path / "run", csv_path, "lora", 0, *RUNS["lora"][0], records=False)
-    axes = axes_by_gid(continual_plot.comparison_figure(continual_plot.load_groups(csv_path)))
+    fig = continual_plot.comparison_figure(continual_plot.load_groups(csv_path))
+    axes = axes_by_gid(fig)
     line = lines(axes["perplexity"])["lora"]  # before and after the last stage only: 10 -> 12
     np.testing.assert_allclose(np.round(line.get_xdata()), [0, 2])
     np.testing.assert_allclose(line.get_ydata(), [0.0, 20.0])
-    assert not lines(axes["task:mrpc"], "majority")
+    assert not lines(axes["task:mrpc"], "majority") and "majority class" not in legend_texts(fig)
 
 
 # -- the command --------------------------------------------------------------------------------------------------
