@@ -12,7 +12,8 @@ Where each comes from (what the code emits, checked against the emitting functio
 - instruction tuning (tasks/sft.py): eval_loss (nats) and perplexity = exp(eval_loss) raw, token_accuracy fraction.
 - multiple choice after training (mc_eval.py): mc_accuracy, mc_macro_accuracy fractions; mc_items a count.
 - continual sequences (continual.py, forgetting.py; columns of the row itself, not best_/last_): final_average_accuracy,
-  backward_transfer, average_forgetting and final_accuracy_<task> fractions; ppl_before, ppl_after raw.
+  backward_transfer, average_forgetting, forward_transfer, final_accuracy_<task> and standalone_<task> (the
+  stand-alone reference forward transfer is measured against) fractions; ppl_before, ppl_after raw.
 
 A metric of a task with several evaluation splits carries the split as a prefix (`matched_accuracy`,
 `test_BLEU`): its kind is its base name's. A name this registry does not know has no kind (None): shown raw, as
@@ -36,14 +37,15 @@ KINDS: dict[str, str] = {
     "mc_accuracy": FRACTION, "mc_macro_accuracy": FRACTION, "mc_items": RAW,
     # continual sequences: the row's own columns
     "final_average_accuracy": FRACTION, "backward_transfer": FRACTION, "average_forgetting": FRACTION,
-    "ppl_before": RAW, "ppl_after": RAW,
+    "forward_transfer": FRACTION, "ppl_before": RAW, "ppl_after": RAW,
 }
 
 #: families of row columns named `<prefix><task>` (a continual run's final accuracy on each of its tasks)
-PER_TASK: dict[str, str] = {"final_accuracy_": FRACTION}
+PER_TASK: dict[str, str] = {"final_accuracy_": FRACTION, "standalone_": FRACTION}
 
 #: the measures a row carries under their own names (a continual run has no best_/last_ evaluation columns)
-ROW_MEASURES = ("final_average_accuracy", "backward_transfer", "average_forgetting", "ppl_before", "ppl_after")
+ROW_MEASURES = ("final_average_accuracy", "backward_transfer", "average_forgetting", "forward_transfer", "ppl_before",
+                "ppl_after")
 
 
 def kind(name: str) -> str | None:
