@@ -5,7 +5,6 @@ hypergradient.py), each level with its own optimizer and schedule; the seeded lo
 from __future__ import annotations
 
 import json
-import math
 
 import torch
 
@@ -69,7 +68,7 @@ def implicit_options(bilevel_cfg) -> dict:
 
 class BiLevel:
     """One round: T1 lower steps (V on D_lower), then T2 upper steps (M on D_upper, by the hypergradient). With
-    `max_steps` the stage's budget counts rounds; with epochs, passes over D_lower."""
+    `max_steps` the stage's budget counts rounds; with epochs, passes over D_lower (`Stage.total_steps`)."""
 
     def __init__(self, loop, stage):  # (the trainer and the stage: typed by their modules, which import this one)
         b = stage.bilevel
@@ -91,11 +90,7 @@ class BiLevel:
         self.sizes = (len(lower_data), len(upper_data))
         self.lower_batches = loop.stream(lower_data, stage.task)
         self.upper_batches = loop.stream(upper_data, stage.task)
-        if stage.max_steps:
-            self.total_steps = int(stage.max_steps)
-        else:
-            lower_steps = loop.steps_for(len(lower_data), stage.task, stage.epochs, None)
-            self.total_steps = max(1, math.ceil(lower_steps / b.lower_steps))
+        self.total_steps = loop.steps_for(stage, len(lower_data))  # rounds; the budget rule: stages.steps_for
         self.optimizer, self.scheduler = make_optimizer(self.lower, stage.optimizer, self.total_steps * b.lower_steps)
         self.upper_optimizer, self.upper_scheduler = make_optimizer(self.upper, b.upper_optimizer,
                                                                     self.total_steps * b.upper_steps)

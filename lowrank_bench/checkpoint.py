@@ -2,8 +2,8 @@
 
 A checkpoint is written every `trainer.checkpoint_every` loop steps (0: never between stage ends), at the end of
 every stage (after its evaluation and stage-end hooks) and, on SIGTERM, SIGUSR1 or SIGUSR2 (what SLURM and
-submitit send before preemption or the time limit), at the next step boundary, after which the run stops. Layout,
-in the run folder:
+submitit send before preemption or the time limit) or SIGINT (Ctrl-C), at the next step boundary, after which the
+run stops (`Signals`: a second Ctrl-C stops at once). Layout, in the run folder:
 
     checkpoints/latest                 JSON: the current checkpoint's folder, the config fingerprint, finished
     checkpoints/step-00000120/
@@ -39,6 +39,7 @@ import random
 import shutil
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,7 +55,7 @@ from lowrank_bench.errors import LrbenchError
 FORMAT = 1
 EXCLUDED = ("trainer.resume", "trainer.checkpoint_every", "trainer.keep_checkpoint", "trainer.progress",
             "trainer.log_every", "logger", "results_csv", "output_dir", "save_adapter")
-SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")  # what launchers send before the end, and Ctrl-C
 FOLDER = "checkpoints"
 
 
@@ -313,24 +314,35 @@ class Interrupted(Exception):
 
     def hand_over(self) -> None:
         """What the signal would have done without us: the handler it had before (submitit's requeues the job and
-        exits), else exit with 128 + the signal's number, as a process killed by it would."""
-        if callable(self.previous):
+        exits), else exit with 128 + the signal's number, as a process killed by it would. Python's own Ctrl-C
+        handler (it raises KeyboardInterrupt: a traceback) is not handed the stop: exit 130 says it."""
+        if callable(self.previous) and self.previous is not signal.default_int_handler:
             self.previous(self.signum, None)
         raise SystemExit(128 + self.signum)
 
 
 class Signals:
-    """While active, SIGTERM/SIGUSR1/SIGUSR2 only set `received`; the loop checkpoints and stops at the next step
-    boundary. The handlers in place before (submitit's) are kept and handed the signal afterwards."""
+    """While active, SIGTERM/SIGUSR1/SIGUSR2 and SIGINT (Ctrl-C) only set `received`; the loop checkpoints and
+    stops at the next step boundary. A second Ctrl-C while that stop is pending raises KeyboardInterrupt at once
+    (`latest` still points at the last complete checkpoint). A SIGINT the process was started ignoring (a
+    background job of a non-interactive shell) stays ignored. The handlers in place before (submitit's) are kept
+    and handed the signal afterwards.
+
+    `at_once()`, for what follows training: a signal raises `Interrupted` at once, naming `last` (the last
+    checkpoint written or resumed: the end of training, which a resume continues from)."""
 
     def __init__(self):
         self.received: int | None = None
         self.previous: dict[int, object] = {}
+        self.last: Path | None = None  # the last checkpoint written (or resumed from)
+        self.immediate = False
 
     def __enter__(self):
         for name in SIGNALS:
             signum = getattr(signal, name, None)
             if signum is None:
+                continue
+            if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
                 continue
             try:
                 self.previous[signum] = signal.signal(signum, self.handle)
@@ -339,11 +351,26 @@ class Signals:
         return self
 
     def handle(self, signum, frame) -> None:
-        # Only a flag: a handler runs between two bytecodes of whatever the main thread does, which may be the first
-        # import of a module (rich imports its emoji table lazily, on the first print); printing from here would
-        # then import that half-executed module and fail. The loop reports the stop at the step boundary.
+        # Only a flag, or an exception: a handler runs between two bytecodes of whatever the main thread does, which
+        # may be the first import of a module (rich imports its emoji table lazily, on the first print); printing
+        # from here would then import that half-executed module and fail. The loop reports the stop at the step
+        # boundary; the exceptions are reported by whoever catches them.
+        if self.immediate:
+            raise Interrupted(signum, self.last, self.previous.get(signum))
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt(f"a second {signal.Signals(signum).name} while a stop was pending")
         if self.received is None:
             self.received = signum
+
+    @contextmanager
+    def at_once(self):
+        """While active (and the handlers installed), a signal stops at once with `Interrupted(signum, last)`."""
+        self.immediate = True
+        try:
+            with self:
+                yield self
+        finally:
+            self.immediate = False
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous.items():

@@ -17,7 +17,7 @@ class SingleLevel:
     def __init__(self, loop, stage):
         self.loop, self.task, self.params = loop, stage.task, stage.params
         train = stage.task.train_examples()
-        self.total_steps = loop.steps_for(len(train), stage.task, stage.epochs, stage.max_steps)
+        self.total_steps = loop.steps_for(stage, len(train))  # the budget rule: stages.steps_for
         self.batches = loop.stream(train, stage.task)
         self.optimizer, self.scheduler = make_optimizer(self.params, stage.optimizer, self.total_steps)
 

@@ -6,15 +6,40 @@ Each stage puts its parameters in training (everything else frozen), builds the 
 (`single_level.SingleLevel` or `bilevel.BiLevel`; the trainer imports neither) and runs the same loop: step, log,
 evaluate every `eval_every` steps and at the stage's end, checkpoint every `checkpoint_every` loop steps; then the
 stage-end hooks (the curriculum's: a sequence re-evaluates every task seen so far there) and a checkpoint of the
-stage's end. A signal (SIGTERM, SIGUSR1, SIGUSR2) makes the loop
-checkpoint at the next step boundary and stop.
+stage's end.
+
+Budgets (`stages.steps_for`, applied when the stages are planned and again before the first step). An optimiser
+step averages `trainer.grad_accum` batches of `trainer.batch_size`; an epoch of a stage is ceil(n / batch_size)
+batches of its n training examples (a bi-level stage: its lower part), hence ceil(batches / grad_accum)
+optimiser steps (the batch stream is endless, so when grad_accum does not divide an epoch's batches a step takes
+the end of one pass and the start of the next). `max_steps` wins over epochs (a bi-level stage counts rounds).
+Otherwise a stage takes round(epochs x steps per epoch) steps, halves rounded up: fractional epochs are honoured,
+the last one partial (`trainer.epochs=2.7` with 10 steps an epoch: 27 steps). Refused before training, with the
+reason: `grad_accum` greater than an epoch's batches (the numbers named: one step would count examples twice and
+an epoch would be several passes), and epochs that round to no step at all.
+
+Divergence (`Diverged`, checked where the loop reads its losses: logging and evaluation steps, and the stage's
+first step). The run stops as diverged when a training loss is NaN or infinite, or exceeds
+max(1e4, 100 x the stage's first training loss) — the first step's loss is computed before any update, so it is
+the untrained model's; the same limit applies to an evaluation loss (`eval_loss`, the SFT tasks'). Why: every
+loss here is a mean (cross-entropy, ln(labels) to ln(vocabulary) ~ 12 at the start; a regression's squared error
+~ 10), and a mean cross-entropy of 1e4 nats gives the right answer a probability of e^-10000, which no trained
+model reaches unless its weights blew up; training curves fall, so 100 x the starting loss is far outside any
+working run, and it keeps a task whose loss starts large from tripping the absolute floor. NaN is only the last
+stage of an explosion (BiDoRA at lr 1e6 reaches losses of 2e17 first), which a NaN-only check recorded as finished.
+
+Signals (checkpoint.Signals). SIGTERM, SIGUSR1, SIGUSR2 and SIGINT (Ctrl-C) make the loop checkpoint at the next
+step boundary and stop (`checkpoint.Interrupted`, also when the signal came during the last stage's end); a second
+Ctrl-C stops at once (KeyboardInterrupt). `after_training()` covers what follows the loop (the post-training
+evaluations, the run's files and row): there a signal stops at once, naming the checkpoint of training's end,
+from which a resume redoes only what follows training.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,14 +57,37 @@ from lowrank_bench.results import defined_or_none
 from lowrank_bench.stages import Stage, unique
 from lowrank_bench.tasks.base import Task
 
-class Diverged(Exception):
-    """A training loss became NaN or infinite: the run stops there (checked at logging steps, where the loop reads
-    its losses anyway, so at most `log_every` steps late)."""
+#: the exploding-loss rule (module docstring): a loss above max(EXPLODED_FLOOR, EXPLODED_FACTOR x the stage's
+#: first training loss), or not finite, is a divergence
+EXPLODED_FLOOR = 1e4
+EXPLODED_FACTOR = 100.0
 
-    def __init__(self, stage: str, step: int, losses: dict[str, float], last_finite: dict[str, float]):
-        self.stage, self.step, self.losses, self.last_finite = stage, step, losses, last_finite
-        shown = " ".join(f"{k}={v}" for k, v in losses.items())
-        super().__init__(f"the training loss diverged at step {step} of stage {stage} ({shown})")
+
+def loss_limit(reference: float | None) -> float:
+    """The largest loss a stage that started at `reference` may reach."""
+    if reference is None or not math.isfinite(reference):
+        return EXPLODED_FLOOR
+    return max(EXPLODED_FLOOR, EXPLODED_FACTOR * abs(reference))
+
+
+def beyond(values: dict[str, float], limit: float) -> dict[str, float]:
+    """The values that break the rule: not finite, or above `limit`."""
+    return {k: v for k, v in values.items() if not math.isfinite(v) or v > limit}
+
+
+class Diverged(Exception):
+    """A loss became NaN or infinite or exploded past the limit (module docstring): the run stops there (checked
+    where the loop reads its losses anyway, so at most `log_every` steps late). `losses` are the offending values,
+    `last_finite` the training losses read before them."""
+
+    def __init__(self, stage: str, step: int, losses: dict[str, float], last_finite: dict[str, float],
+                 limit: float = math.inf, what: str = "training loss"):
+        self.stage, self.step, self.losses, self.last_finite, self.limit = stage, step, losses, last_finite, limit
+        shown = " ".join(f"{k}={v:.4g}" for k, v in losses.items())
+        finite = all(math.isfinite(v) for v in losses.values())
+        self.reason = f"{shown} above the limit {limit:.4g}" if finite else f"{shown} not finite"
+        super().__init__(f"the {what} diverged at step {step} of stage {stage} ({self.reason}; the limit: "
+                         f"max({EXPLODED_FLOOR:g}, {EXPLODED_FACTOR:g} x the stage's first loss))")
 
 
 def finite_or_none(record: dict) -> dict:
@@ -171,13 +219,15 @@ class Trainer:
         return BatchStream(examples, self.tc.batch_size, task.collate, self.generator, self.dp.rank, self.dp.world,
                            shuffle=task.shuffle_train)
 
-    def steps_for(self, n_examples: int, task: Task, epochs: float, max_steps: int | None) -> int:
-        """Optimiser steps of a stage: `max_steps`, or `epochs` passes over `n_examples`."""
-        if max_steps:
-            return int(max_steps)
-        if n_examples == 0:
-            raise LrbenchError(f"task {task.name} has an empty training split")
-        return max(1, math.ceil(n_examples / (self.tc.batch_size * self.tc.grad_accum)) * int(epochs))
+    def steps_for(self, stage: Stage, n_examples: int | None = None) -> int:
+        """The stage's loop steps under the budget rule (module docstring; `stages.steps_for`), over `n_examples`
+        (default: the stage's own count)."""
+        return stage.total_steps(self.tc.batch_size, self.tc.grad_accum, n_examples)
+
+    def check(self, stages: list[Stage]) -> None:
+        """Refuse an impossible budget of any stage (LrbenchError), before anything runs."""
+        for stage in stages:
+            self.steps_for(stage)
 
     def next_batch(self, batches) -> dict:
         self.epoch, batch = next(batches)
@@ -225,6 +275,7 @@ class Trainer:
     def run(self, stages: list[Stage], resume: checkpoint.Checkpoint | None = None) -> History:
         """Run `stages`, or what is left of them after the checkpoint `resume`."""
         self.stages = stages
+        self.check(stages)
         trained_somewhere = unique(p for stage in stages for p in stage.params)
         self.kept = self.tensors_to_keep(trained_somewhere)
         self.dp.broadcast_(list(self.kept.values()))
@@ -242,7 +293,7 @@ class Trainer:
                 for hook in self.stage_end_hooks:
                     hook(index, stage, record)
                 written = self.checkpoint(index + 1, 0)
-                if index + 1 < len(stages) and self.stop_requested(0):
+                if self.stop_requested(0):  # (after the last stage too: what follows training is not started)
                     raise self.signals.interrupted(written)
         if self.store:
             self.extras.update(checkpoints=self.earlier["checkpoints"] + self.store.count,
@@ -276,6 +327,7 @@ class Trainer:
         logs: dict[str, float] = {}
         record: dict = {}
         first, loop = self.resume_stage(rule) if self.resuming else (1, {})
+        reference = loop.get("loss_reference")  # the stage's first training loss (the divergence limit's base)
         bar = progress.add_task(f"{self.method.name} · {stage.name}", total=total, info="", completed=first - 1)
         start = time.perf_counter() - loop.get("pending_s", 0.0)
         stage_seconds = loop.get("stage_seconds", 0.0)
@@ -283,11 +335,15 @@ class Trainer:
         for step in range(first, total + 1):
             raw = rule.step()
             self.global_step += 1
-            if step % self.tc.log_every == 0 or step % eval_every == 0 or step == total:
+            if step % self.tc.log_every == 0 or step % eval_every == 0 or step == total or reference is None:
                 finite, logs = logs, {k: float(v) for k, v in raw.items()}  # the only host sync of the loop
-                if not all(math.isfinite(v) for v in logs.values()):
+                if reference is None:  # the stage's first step: losses of the weights before any update
+                    reference = min((abs(v) for v in logs.values() if math.isfinite(v)), default=math.nan)
+                exploded = beyond(logs, loss_limit(reference))
+                if exploded:
                     self.account(stage, step, time.perf_counter() - start)
-                    raise Diverged(stage.name, self.global_step, logs, finite)
+                    raise self.diverged(Diverged(stage.name, self.global_step, exploded, finite,
+                                                 loss_limit(reference)))
                 self.sync()
                 elapsed = stage_seconds + time.perf_counter() - start
                 rate = (self.history.samples - stage_samples) / max(elapsed, 1e-9)
@@ -301,6 +357,11 @@ class Trainer:
                 stage_seconds += seconds
                 self.account(stage, step, seconds)
                 record = self.evaluate(stage, logs)
+                exploded = beyond({k: float(v) for k, v in record.items() if k.endswith("eval_loss")
+                                   and isinstance(v, (int, float))}, loss_limit(reference))
+                if exploded:
+                    raise self.diverged(Diverged(stage.name, self.global_step, exploded, logs,
+                                                 loss_limit(reference), "evaluation loss"))
                 if self.load_best:
                     self.load_best.after_eval(self, stage, step, total, eval_every, record)
                 if self.dp.is_main:
@@ -311,7 +372,8 @@ class Trainer:
                 if stop or self.due():
                     pending = time.perf_counter() - start
                     written = self.checkpoint(index, step, rule, {"pending_s": pending, "stage_seconds": stage_seconds,
-                                                                  "stage_samples": stage_samples})
+                                                                  "stage_samples": stage_samples,
+                                                                  "loss_reference": reference})
                     start = time.perf_counter() - pending  # writing a checkpoint is not training time
                     if stop:
                         raise self.signals.interrupted(written)
@@ -319,6 +381,11 @@ class Trainer:
         if self.load_best:
             self.load_best.at_stage_end(self, stage, total)
         return record
+
+    def diverged(self, stop: Diverged) -> Diverged:
+        """`stop`, its reason kept for the row (`diverged_reason`)."""
+        self.extras["diverged_reason"] = stop.reason
+        return stop
 
     def account(self, stage: Stage, step: int, seconds: float) -> None:
         """Training time and steps up to `step` of `stage` (evaluation time excluded)."""
@@ -387,7 +454,20 @@ class Trainer:
                 "checkpoint_s": self.earlier["checkpoint_s"] + self.store.seconds}
         path = self.store.write(f"step-{self.global_step:08d}", meta, tensors, optimizers)
         self.store.seconds += time.perf_counter() - started
+        self.signals.last = path
         return path
+
+    @contextmanager
+    def after_training(self):
+        """For what follows `run` (the post-training evaluations, the run's files and row): a signal (SIGTERM,
+        SIGUSR1, SIGUSR2, SIGINT) stops at once with `checkpoint.Interrupted` naming the checkpoint of training's
+        end, so the caller marks the run interrupted and a resume redoes only what follows training. Without
+        checkpoints (trainer.checkpoint_every=null) signals are left alone."""
+        if self.signals is None:
+            yield
+            return
+        with self.signals.at_once():
+            yield
 
     def restore(self, resume: checkpoint.Checkpoint) -> int:
         """Put the checkpoint's state back; returns the stage to go on with. The step rule's state and the RNGs are
@@ -422,6 +502,8 @@ class Trainer:
             with open(metrics, "r+b") as handle:
                 handle.truncate(meta["metrics_bytes"])
         self.resuming = (resume, {k: v.cpu() for k, v in tensors.items() if k.startswith(("rule/", "rng/"))})
+        if self.signals is not None:
+            self.signals.last = resume.path
         return meta["position"]["stage"]
 
     def resume_stage(self, rule) -> tuple[int, dict]:

@@ -84,3 +84,47 @@ def test_a_crash_leaves_failed_and_a_signal_stop_interrupted(tmp_path, monkeypat
             run(compose_cfg(*FAST, "trainer.max_steps=2", f"results_csv={tmp_path / 'runs.csv'}"), tmp_path / status)
         assert (tmp_path / status / "status").read_text() == f"{status}\n"
     assert not (tmp_path / "runs.csv").exists()  # no row for either
+
+
+# -- the exploding-loss rule (trainer.py's docstring): not finite, or above max(1e4, 100 x the stage's first loss) --
+@pytest.fixture(scope="module")
+def bidora_runs(tmp_path_factory):
+    """BiDoRA at lr 1e6 (its losses explode to ~1e17 before any NaN) and at its default lr, in one results file."""
+    folder = tmp_path_factory.mktemp("exploding")
+    csv_path = folder / "runs.csv"
+    common = [*FAST, "method=bidora", f"results_csv={csv_path}", "trainer.eval_every=4", "trainer.max_steps=8"]
+    exploded = run(compose_cfg(*common, "optimizer.lr=1e6"), folder / "exploded")
+    finished = run(compose_cfg(*common), folder / "finished")
+    return folder, csv_path, exploded, finished
+
+
+def test_an_exploding_loss_stops_the_run_as_diverged_and_a_normal_run_is_not_flagged(bidora_runs):
+    folder, csv_path, exploded, finished = bidora_runs
+    assert exploded["status"] == "diverged" and finished["status"] == "finished"
+    assert "above the limit 1e+04" in exploded["diverged_reason"] and "diverged_reason" not in finished
+    assert exploded["diverged_at_step"] <= 2 and exploded["diverged_stage"] == "search"
+    assert [r["status"] for r in read_rows(csv_path)] == ["diverged", "finished"]
+    assert (folder / "exploded" / "status").read_text() == "diverged\n"
+    assert (folder / "finished" / "status").read_text() == "finished\n"
+    assert not (folder / "exploded" / "adapter.safetensors").exists()
+
+
+def test_the_limit_is_the_floor_or_100_times_the_first_loss():
+    from lowrank_bench.trainer import EXPLODED_FLOOR, beyond, loss_limit
+
+    assert loss_limit(0.69) == EXPLODED_FLOOR == 1e4 and loss_limit(None) == 1e4 and loss_limit(math.nan) == 1e4
+    assert loss_limit(500.0) == 5e4  # a loss that starts large is not flagged by the floor
+    assert beyond({"loss": 2e4, "other": 0.5}, 1e4) == {"loss": 2e4}
+    assert set(beyond({"a": math.nan, "b": math.inf, "c": -math.inf, "d": 1e4}, 1e4)) == {"a", "b", "c"}
+
+
+def test_an_exploding_evaluation_loss_stops_the_run_as_diverged(tmp_path, monkeypatch):
+    from lowrank_bench.trainer import Trainer
+
+    losses = iter([0.7, 3e5])
+    monkeypatch.setattr(Trainer, "evaluate_task", lambda self, task: {"eval_loss": next(losses), "accuracy": 0.5})
+    summary = run(compose_cfg(*FAST, "trainer.max_steps=4", "trainer.eval_every=2",
+                              f"results_csv={tmp_path / 'runs.csv'}"), tmp_path / "run")
+    assert summary["status"] == "diverged" and summary["diverged_at_step"] == 4
+    assert summary["diverged_reason"] == "eval_loss=3e+05 above the limit 1e+04"
+    assert (tmp_path / "run" / "status").read_text() == "diverged\n"
