@@ -19,10 +19,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from rich.text import Text
 
-from lowrank_bench import assembly, checkpoint, distributed, evaluate, results, sweep, validate
+from lowrank_bench import assembly, checkpoint, configs, distributed, evaluate, results, sweep, validate
 from lowrank_bench.assembly import CONF_DIR, prepare
 from lowrank_bench.console import console
-from lowrank_bench.errors import LrbenchError
+from lowrank_bench.curriculum.sequence import BUDGET_KEYS, OPTIMIZER_KEYS
+from lowrank_bench.errors import BAD_INPUT, LrbenchError
 from lowrank_bench.methods.base import save_adapter
 from lowrank_bench.stages import unique
 from lowrank_bench.trainer import Diverged, Trainer
@@ -175,12 +176,12 @@ def job(cfg: DictConfig) -> float | None:
         else:
             summary = run(cfg, distributed.main_folder(run_dir))
     except LrbenchError as err:
-        console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
+        print_refusal(err)
         discard_if_untouched(run_dir, Path(cfg.output_dir))
         if sweep.in_sweep():  # the other jobs go on; the sweep's end lists this one and exits 1
             sweep.record_failure(err)
             return None
-        sys.exit(2)
+        sys.exit(BAD_INPUT)
     except checkpoint.Interrupted as stop:
         console.print(f"{signal.Signals(stop.signum).name}: stopped after checkpoint {stop.path}; "
                       "`trainer.resume=auto` continues it (a requeued job continues by itself)")
@@ -198,7 +199,53 @@ def job(cfg: DictConfig) -> float | None:
     return summary.get(f"best_{summary['metric']}", summary.get(summary["metric"]))
 
 
-main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(job)
+def print_refusal(err: LrbenchError) -> None:
+    console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
+
+
+#: what a sequence's stage may set besides its task's settings (curriculum/sequence.py)
+STAGE_KEYS = ("task", "train_rows", "pooling", *BUDGET_KEYS, *OPTIMIZER_KEYS)
+#: Hydra's flags that show something rather than compose a run (or that change where configs come from): left to it
+HYDRA_ONLY = ("help", "hydra_help", "shell_completion", "info", "config_path", "config_name", "config_dir",
+              "experimental_rerun")
+
+hydra_main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(job)
+
+
+def command_line(argv: list[str]):
+    """Hydra's own reading of the command line (its flags and overrides), or None where Hydra alone should answer
+    (--help, --info, tab completion, --version, a malformed flag)."""
+    from hydra._internal.utils import get_args_parser
+
+    if "--version" in argv:
+        return None
+    parser = get_args_parser()
+
+    def error(message):
+        raise ValueError(message)
+
+    parser.error = error
+    try:
+        args = parser.parse_args(argv)
+    except ValueError:
+        return None
+    return None if any(getattr(args, flag, None) for flag in HYDRA_ONLY) else args
+
+
+def main():
+    """`lrbench`: the overrides are checked first (configs.check_command_line: malformed syntax, an unknown option,
+    setting or stage, in a `-m` sweep every value): bad input is one line, exit status 2, before Hydra makes a
+    folder or a job runs. Then Hydra composes and runs the job(s)."""
+    args = command_line(sys.argv[1:])
+    if args is not None:
+        multirun = args.multirun or "hydra.mode=MULTIRUN" in args.overrides
+        try:
+            configs.check_command_line(args.overrides, multirun, STAGE_KEYS, validate.valid_text)
+        except LrbenchError as err:
+            print_refusal(err)
+            sys.exit(BAD_INPUT)
+    return hydra_main()
+
 
 if __name__ == "__main__":  # `python -m lowrank_bench.train`: run the importable copy, so that jobs pickle by name
     from lowrank_bench.train import main as packaged_main
