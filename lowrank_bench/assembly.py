@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lowrank_bench import curriculum, evaluations, methods, models
+from lowrank_bench import curriculum, evaluations, methods, models, validate
 from lowrank_bench.configs import CONF_DIR
 from lowrank_bench.curriculum import Curriculum
-from lowrank_bench.errors import LrbenchError
+from lowrank_bench.errors import LrbenchError, input_text
 from lowrank_bench.heads import DecoderClassifier, decoder_head
 from lowrank_bench.methods.base import Method, load_adapter
 from lowrank_bench.models import Head
@@ -77,8 +77,41 @@ def parameter_counts(model: torch.nn.Module, head: list[torch.nn.Parameter]) -> 
             "adapter_params": trainable - head_params}
 
 
+def declared_head(shape: Curriculum) -> Head | None:
+    """The head the run's task needs, where it is known before the data is read (NER's labels come from its data)."""
+    try:
+        return shape.head
+    except RuntimeError:
+        return None
+
+
+def configured_head(cfg: DictConfig) -> Head | None:
+    """The head kind a run's task declares, from the config alone (nothing built, no data read): its task class's
+    `head` (E2E's and SFT's causal LM, a classifier's default); None where the data decides (NER) and for a sequence
+    (classification tasks only: any model kind)."""
+    import importlib
+
+    from lowrank_bench import tasks
+
+    family = cfg.task.get("family")
+    if family in curriculum.SHAPES or family not in tasks.REGISTRY:
+        return None
+    module, name = tasks.REGISTRY[family].split(":")
+    head = getattr(getattr(importlib.import_module(module), name), "head", None)
+    return head if isinstance(head, Head) else None
+
+
+def check_model_kind(cfg: DictConfig) -> None:
+    """An encoder for a task that trains a causal LM (e2e, sft/*) is refused from the config alone, before anything
+    is read or built (reproduce plans with this too). NER's head is checked once its data is read (`prepare`)."""
+    head = configured_head(cfg)
+    if head is not None:
+        models.check_fits(cfg.model, head, f"task {cfg.task.get('name')}")
+
+
 def prepare(cfg: DictConfig) -> Setup:
     """Everything before training: data tokenised, model built with the curriculum's head, method applied."""
+    check_model_kind(cfg)  # from the config alone: an encoder for a causal LM's task, before any file is read
     tokenizer = models.load_tokenizer(cfg.model)  # first: an unreachable Hub model fails before anything slow
     shape = curriculum.build(cfg)
     method = methods.build(cfg.method)
@@ -86,6 +119,7 @@ def prepare(cfg: DictConfig) -> Setup:
     for task in shape.tasks:
         task.prepare(tokenizer, task.cfg.get("max_length") or cfg.model.max_length)
     torch.manual_seed(cfg.seed)  # the head's and adapters' initialisation must not depend on the data loading
+    models.check_fits(cfg.model, shape.head, f"task {shape.name}")  # (NER knows its head only now)
     model = build_model(cfg.model, shape.head, tokenizer.pad_token_id)
     load_info = {f"model_{k}": v for k, v in model.lrbench_load_info.items() if k in ("load_from", "load_s")}
     post = evaluations.build(cfg, tokenizer, shape.head)  # reads its items: a bad one fails before anything slow
@@ -98,29 +132,126 @@ def prepare(cfg: DictConfig) -> Setup:
 
 
 # -- a saved run -------------------------------------------------------------------------------------------------
+RUN_GROUPS = ("model", "method", "task", "trainer", "optimizer")  # what a resolved config holds and rebuild reads
+NOT_FINISHED = {  # the `status` of a run folder without an adapter -> why
+    "diverged": "the run diverged{where}; a diverged run saves no adapter (its weights are not worth keeping)",
+    "running": "the run has not finished (status: running); its adapter is written at the end",
+    "interrupted": "the run was interrupted (status: interrupted) before it saved an adapter; continue it with "
+                   "trainer.resume=<its folder>",
+    "failed": "the run failed (status: failed) before it saved an adapter",
+}
+
+
+def run_status(folder: Path) -> str:
+    """The run's status as its folder records it (`status`, else summary.json's), or '' when neither says."""
+    try:
+        status = (folder / "status").read_text(errors="replace").strip()
+    except OSError:
+        status = ""
+    return status or str(read_summary(folder, str(folder), strict=False).get("status", ""))
+
+
+def read_summary(folder: Path, setting: str, strict: bool = True) -> dict:
+    """summary.json of a run folder ({} when there is none). Damaged (not UTF-8, not JSON, not an object): one line
+    naming it, or {} when not `strict`."""
+    path = Path(folder) / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        value = models.read_json_file(path, f"{setting}: the run's summary")
+        if not isinstance(value, dict):
+            raise LrbenchError(f"{setting}: the run's summary {path} is a JSON {type(value).__name__}, not an "
+                               "object; restore it or delete it")
+    except LrbenchError:
+        if strict:
+            raise
+        return {}
+    return value
+
+
+def missing_adapter(folder: Path, setting: str) -> LrbenchError:
+    status = run_status(folder)
+    if status in NOT_FINISHED:
+        summary = read_summary(folder, setting, strict=False)
+        stage, step = summary.get("diverged_stage"), summary.get("diverged_at_step")
+        where = (f" (stage {stage}, step {step})" if stage else f" (step {step})") if step is not None else ""
+        return LrbenchError(f"{setting}: no adapter.safetensors: {NOT_FINISHED[status].format(where=where)}")
+    return LrbenchError(f"{setting}: no adapter.safetensors there (a run folder holds config_resolved.yaml and, "
+                        f"unless the run had save_adapter=false, adapter.safetensors)")
+
+
 def run_folder(folder: Path, setting: str) -> tuple[Path, Path]:
-    """(config_resolved.yaml, adapter.safetensors) of a run folder; `setting` says where the folder was named."""
+    """(config_resolved.yaml, adapter.safetensors) of a run folder, both there and the adapter whole; `setting` says
+    where the folder was named. A folder without an adapter says why: diverged, unfinished, save_adapter=false."""
+    folder = Path(folder)
     if not folder.is_dir():
-        raise LrbenchError(f"{setting}: no such run folder")
+        raise LrbenchError(f"{setting}: no such run folder" if not folder.exists()
+                           else f"{setting}: {folder} is a file; give a run folder")
     config, adapter = folder / "config_resolved.yaml", folder / "adapter.safetensors"
-    for path in (config, adapter):
-        if not path.is_file():
-            raise LrbenchError(f"{setting}: no {path.name} there (a run folder holds config_resolved.yaml and, "
-                               f"unless the run had save_adapter=false, adapter.safetensors)")
+    if not config.is_file():
+        raise LrbenchError(f"{setting}: no config_resolved.yaml there (a run folder holds config_resolved.yaml and, "
+                           f"unless the run had save_adapter=false, adapter.safetensors)")
+    if not adapter.is_file():
+        raise missing_adapter(folder, setting)
+    models.check_safetensors(adapter, f"{setting}: the adapter")
     return config, adapter
+
+
+def read_run_config(path: Path, setting: str) -> DictConfig:
+    """A run's config_resolved.yaml: YAML, a mapping, with the groups a rebuild reads; else one line naming it."""
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    what = f"{setting}: the run's config"
+    text = input_text(path, what)
+    try:
+        cfg = OmegaConf.create(text)
+    except (YAMLError, OmegaConfBaseException, ValueError) as err:
+        # the line where the broken construct opened (an unclosed bracket), else where the parser stopped
+        mark = getattr(err, "context_mark", None) or getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        context, problem = getattr(err, "context", None), getattr(err, "problem", None)
+        reason = f"{context}: {problem}" if context and problem else problem or first_line(err)
+        raise LrbenchError(f"{what} {where}: not valid YAML ({reason}); restore it from the run, or run again") \
+            from None
+    if not isinstance(cfg, DictConfig):
+        raise LrbenchError(f"{what} {path}: a YAML {type(OmegaConf.to_container(cfg)).__name__}, not the mapping "
+                           "lrbench writes (model, method, task, trainer, ...)")
+    missing = [key for key in RUN_GROUPS if not isinstance(cfg.get(key), DictConfig)] + \
+              [key for key in ("seed",) if key not in cfg]
+    if missing:
+        raise LrbenchError(f"{what} {path} lacks {', '.join(missing)}: not a resolved run config (a run writes "
+                           f"{', '.join(RUN_GROUPS)}, seed, ...)")
+    try:
+        validate.check(cfg)
+    except LrbenchError as err:
+        raise LrbenchError(f"{what} {path}: {err}") from None
+    return cfg
 
 
 def saved_run(folder: Path, setting: str | None = None) -> tuple[DictConfig, Path]:
     """(the run's resolved config, its adapter file)."""
-    config, adapter = run_folder(Path(folder), setting or str(folder))
-    return OmegaConf.load(config), adapter
+    setting = setting or str(folder)
+    config, adapter = run_folder(Path(folder), setting)
+    return read_run_config(config, setting), adapter
+
+
+def first_line(err: BaseException) -> str:
+    return models.first_line(err)
 
 
 def rebuild(run_cfg: DictConfig, adapter: Path) -> Setup:
     """The trained model: built as the run built it (its tasks tokenised, which needs their data), then its adapter
     and head loaded. Post-training evaluations are not rebuilt (lrbench-mc scores a run's adapter alone)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    models.check_safetensors(adapter, "adapter")  # before anything slow
     run_cfg.eval = None
-    setup = prepare(run_cfg)
+    try:
+        setup = prepare(run_cfg)
+    except OmegaConfBaseException as err:  # a key the run's config lacks deeper down (a hand-edited file)
+        raise LrbenchError(f"the config of the run of {adapter} is not a whole resolved config: "
+                           f"{first_line(err)}") from None
     try:
         load_adapter(setup.model, adapter)
     except RuntimeError as err:  # a tensor of another shape: another model, rank or head

@@ -10,14 +10,13 @@ their plain names (`accuracy`, `f1`, `test_f1`, ...), one value each, as the run
 """
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lowrank_bench import assembly, results, validate
+from lowrank_bench import assembly, models, results, validate
 from lowrank_bench.assembly import run_folder
 from lowrank_bench.devices import autocast_for, pick_device
 from lowrank_bench.errors import LrbenchError
@@ -32,22 +31,31 @@ def saved_files(cfg: DictConfig) -> tuple[Path, Path]:
     if cfg.get("adapter"):
         adapter = Path(str(cfg.adapter)).expanduser()
         if not adapter.is_file():
-            raise LrbenchError(f"adapter={cfg.adapter}: no such file (a run folder's adapter.safetensors)")
-        run_folder(adapter.parent, f"adapter={cfg.adapter}")
+            raise LrbenchError(f"adapter={cfg.adapter}: " + ("a folder; give the adapter file (a run folder's "
+                               "adapter.safetensors), or run_dir=<the folder>" if adapter.is_dir() else
+                               "no such file (a run folder's adapter.safetensors)"))
+        models.check_safetensors(adapter, f"adapter={cfg.adapter}:")
+        if not (adapter.parent / "config_resolved.yaml").is_file():
+            raise LrbenchError(f"adapter={cfg.adapter}: no config_resolved.yaml beside it (the adapter of a run "
+                               "folder is read with that folder's config)")
         return adapter.parent, adapter
     if cfg.get("run_dir"):
         folder = Path(str(cfg.run_dir)).expanduser()
         if folder.is_dir() and not (folder / "adapter.safetensors").is_file():  # the likelier miss, named first
-            raise LrbenchError(f"run_dir={cfg.run_dir}: no adapter.safetensors there (runs save it unless "
-                               f"save_adapter=false)")
+            raise assembly.missing_adapter(folder, f"run_dir={cfg.run_dir}")
         return folder, run_folder(folder, f"run_dir={cfg.run_dir}")[1]
     raise LrbenchError("mode=eval needs run_dir=<a run's folder> or adapter=<its adapter.safetensors>")
+
+
+def setting_of(cfg: DictConfig) -> str:
+    """The setting that named the run (`run_dir=...` or `adapter=...`), for messages."""
+    return f"adapter={cfg.adapter}" if cfg.get("adapter") else f"run_dir={cfg.get('run_dir')}"
 
 
 def run_config(cfg: DictConfig, folder: Path, overridden: set[str]) -> DictConfig:
     """The run's resolved config, with what this command may change: the task (when given on the command line)
     and the trainer's device, precision and evaluation batch size."""
-    run_cfg = OmegaConf.load(folder / "config_resolved.yaml")
+    run_cfg = assembly.read_run_config(folder / "config_resolved.yaml", setting_of(cfg))
     if "task" in overridden:
         run_cfg.task = cfg.task
     for key in FROM_THIS_COMMAND:
@@ -61,7 +69,8 @@ def evaluate_run(cfg: DictConfig, out_dir: Path, overridden: set[str]) -> dict:
     started = time.perf_counter()
     folder, adapter = saved_files(cfg)
     run_cfg = run_config(cfg, folder, overridden)
-    trained = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
+    trained = assembly.read_summary(folder, setting_of(cfg))
+    results.preflight(Path(cfg.results_csv), out_dir)  # the row can be written: checked before anything slow
     setup = assembly.rebuild(run_cfg, adapter)
     device = pick_device(run_cfg.trainer.device)
     precision, autocast = autocast_for(device, run_cfg.trainer.precision)

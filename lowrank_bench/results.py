@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import subprocess
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -192,12 +193,16 @@ def write_run_files(cfg, run_dir: Path, summary: dict, tables: dict | None = Non
 
 
 def preflight(csv_path: Path, run_dir: Path) -> None:
-    """Before anything slow: the results CSV is lrbench's (or new) and writable, the run folder can be made, and a
-    set LRBENCH_DATA_DIR exists."""
+    """Before anything slow: the results CSV is lrbench's (or new) and can be written and locked, the run folder and
+    the cache folder can be written in, and a set LRBENCH_DATA_DIR exists. Each is tried, not guessed from
+    permissions (root passes every permission check; /proc/... and read-only mounts refuse the write itself), and
+    what the trial made is removed again."""
+    from lowrank_bench.models import cache_dir
     from lowrank_bench.tasks.base import data_dir
 
     data_dir()
     csv_path = Path(csv_path)
+    csv_setting = f"results_csv={csv_path} (LRBENCH_RESULTS_CSV)"
     if csv_path.is_dir():
         raise LrbenchError(f"results_csv={csv_path} is a folder; give a file path (LRBENCH_RESULTS_CSV)")
     if csv_path.is_file() and csv_path.stat().st_size:
@@ -206,12 +211,111 @@ def preflight(csv_path: Path, run_dir: Path) -> None:
         if not {"method", "model", "task", "seed"} <= set(header):
             raise LrbenchError(f"results_csv={csv_path} is not an lrbench results file (its header lacks method, "
                                f"model, task, seed); give another path (LRBENCH_RESULTS_CSV)")
-    for target, setting in ((csv_path, "results_csv / LRBENCH_RESULTS_CSV"), (run_dir, "output_dir / LRBENCH_OUTPUT_DIR")):
-        existing = next(p for p in (target, *target.parents) if p.exists())
-        if existing != target and not existing.is_dir():
-            raise LrbenchError(f"{target} is not writable: {existing} is a file, not a folder ({setting})")
-        if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
-            raise LrbenchError(f"{target} is not writable: no write permission on {existing} ({setting})")
+    with trial_folder(csv_path.parent, csv_path, csv_setting) as folder:
+        try_lock(csv_path, csv_setting)
+        try_write(folder, csv_path, csv_setting)
+        if csv_path.is_file():
+            try_append(csv_path, csv_setting)
+    with trial_folder(Path(run_dir), Path(run_dir), f"output_dir / LRBENCH_OUTPUT_DIR ({run_dir})") as folder:
+        try_write(folder, Path(run_dir), f"output_dir / LRBENCH_OUTPUT_DIR ({run_dir})")
+    cache = cache_dir()
+    with trial_folder(cache, cache, f"LRBENCH_CACHE_DIR={cache}") as folder:
+        try_write(folder, cache, f"LRBENCH_CACHE_DIR={cache}")
+
+
+def unwritable(target: Path, doing: str, err: OSError, setting: str) -> LrbenchError:
+    return LrbenchError(f"{target} is not writable: {doing} failed ({err.strerror or err}); {setting}: give a "
+                        "folder that can be written")
+
+
+@contextmanager
+def trial_folder(folder: Path, target: Path, setting: str):
+    """`folder`, made (with its missing parents) for a trial write; the folders this made are removed after it."""
+    folder = Path(folder)
+    missing = []
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LrbenchError(f"{target} is not writable: {existing} is a file, not a folder ({setting})")
+    made: list[Path] = []
+    try:
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:  # a concurrent job made it: not ours to remove
+                continue
+            except OSError as err:
+                raise unwritable(target, f"making the folder {path}", err, setting) from None
+            made.append(path)
+        yield folder
+    finally:
+        for path in reversed(made):
+            try:
+                path.rmdir()  # only if still empty: a concurrent job may have written there meanwhile
+            except OSError:
+                break
+
+
+def try_write(folder: Path, target: Path, setting: str) -> None:
+    """A file created (exclusively, under a name of its own) and removed in `folder`."""
+    probe = folder / f".lrbench-probe-{platform.node()}-{os.getpid()}"
+    try:
+        handle = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise unwritable(target, f"writing a file in {folder}", err, setting) from None
+
+
+def try_append(path: Path, setting: str) -> None:
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+    except OSError as err:
+        raise unwritable(path, "opening it for appending", err, setting) from None
+
+
+def try_lock(csv_path: Path, setting: str) -> None:
+    """The CSV's lock file opened (made, if new, then removed) and locked once: a writer that cannot lock waits
+    300 s at the end of the run and dies; this finds out before the run. Contention means locks work."""
+    import errno
+    import fcntl
+
+    lock = Path(str(csv_path) + ".lock")
+    made = not lock.exists()
+    try:
+        handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise unwritable(csv_path, f"opening its lock file {lock.name}", err, setting) from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError as err:
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.ENOSYS):  # held by a writer / filelock's soft lock
+            raise unwritable(csv_path, f"locking {lock.name}", err, setting) from None
+    finally:
+        os.close(handle)
+        if made:
+            lock.unlink(missing_ok=True)
+
+
+def discard_untouched(run_dir: Path, output_root: Path) -> None:
+    """A command refused before it wrote anything leaves no folder: Hydra made it (its .hydra/ and the job's log),
+    and the folders above it up to `output_root` when they hold nothing else."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    if not (run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    root, folder = Path(output_root).resolve(), run_dir.resolve().parent
+    while folder.is_relative_to(root):
+        try:
+            folder.rmdir()  # only an empty folder goes
+        except OSError:
+            break
+        folder = folder.parent
 
 
 def write_status(run_dir: Path, status: str) -> None:
@@ -226,7 +330,12 @@ def append_row(path: Path, row: dict) -> None:
     """Append one row under an exclusive lock. A row with a new column rewrites the file (atomically) with the
     union of the columns; otherwise the row is one write() at the end of the file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # filelock retries a lock file it cannot open until its timeout (300 s): fail at once instead
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o644))
+    except OSError as err:
+        raise LrbenchError(f"results_csv={path}: cannot open its lock file ({err.strerror}); the row is not written "
+                           f"(python -m lowrank_bench.collect adds it from the run's summary.json)") from None
     with csv_lock(path):
         header: list[str] = []
         if path.is_file() and path.stat().st_size > 0:

@@ -26,7 +26,7 @@ def test_unreachable_hub_with_cache_loads_locally(monkeypatch):
 def test_unreachable_hub_dataset_fails_fast_naming_the_setting_and_the_local_layout():
     start = time.perf_counter()
     with pytest.raises(LrbenchError, match=r"(?s)Dataset 'org/absent/sub' is not in the local Hugging Face cache.*"
-                                           r"`eval.data_dir=/path/to/folder`.*\nA folder of <subject>.csv files\.$"):
+                                           r"`eval.data_dir=/path/to/folder`[^\n]*\. A folder of <subject>.csv files\.$"):
         hub.load_dataset("org/absent", "sub", split="train", shown="org/absent/sub", override="eval.data_dir",
                          local_copy="A folder of <subject>.csv files.")
     assert time.perf_counter() - start < 10

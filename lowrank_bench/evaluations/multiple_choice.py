@@ -46,7 +46,9 @@ A one-token letter's log-likelihood is z[t_L] - logsumexp(z), so its argmax is t
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 import tempfile
 import time
 from contextlib import nullcontext
@@ -58,7 +60,7 @@ import torch
 from lowrank_bench import hub
 from lowrank_bench.console import console
 from lowrank_bench.devices import autocast_for, pick_device
-from lowrank_bench.errors import LrbenchError, choices
+from lowrank_bench.errors import LrbenchError, choices, input_text
 from lowrank_bench.tasks.base import local_data_folder
 from lowrank_bench.tasks.sft import Turn, encode_text, prompt_text, resolve_template, special_framing
 
@@ -106,6 +108,21 @@ def present_options(cells: list, where: str) -> tuple[str, ...]:
     return tuple(texts)
 
 
+def checked_subject(subject: str, where: str) -> str:
+    """A subject named by the data (a `subject` column): a name, never a path. It is shown in tables and, slugged
+    (`slug`), names lm-eval's task files; `..`, `/` and `\\` are refused here all the same."""
+    if not subject.strip() or ".." in subject or any(c in subject for c in "/\\\0") or not subject.isprintable():
+        raise LrbenchError(f"{where}: subject {subject!r} is not a subject name (it must not hold '..', '/', '\\' or "
+                           "control characters); name it with letters, digits, spaces, '_' or '-', e.g. "
+                           "high_school_biology")
+    return subject
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a subject: letters, digits, '_' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:80] or "subject"
+
+
 def item_from_record(record: dict, subject: str, where: str) -> Item:
     keys = {k.lower() if k.lower() in ("question", "answer", "choices", "subject") else k: v
             for k, v in record.items()}
@@ -121,14 +138,16 @@ def item_from_record(record: dict, subject: str, where: str) -> Item:
                 break
             cells.append(keys[letter])
     options = present_options(cells, where)
-    return Item(str(keys.get("subject") or subject), str(keys["question"]), options,
+    return Item(checked_subject(str(keys.get("subject") or subject), where), str(keys["question"]), options,
                 answer_index(keys["answer"], len(options), where), where)
 
 
 def read_csv_items(path: Path, subject: str) -> list[Item]:
     """A CSV with a header (question, A, B, ..., answer), or without one (MMLU: question, options..., answer)."""
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        rows = [r for r in csv.reader(handle) if r]
+    try:
+        rows = [r for r in csv.reader(io.StringIO(input_text(path, "items file"), newline="")) if r]
+    except csv.Error as err:
+        raise LrbenchError(f"items file {path}: not a readable CSV ({err})") from None
     if not rows:
         raise LrbenchError(f"{path}: empty file")
     header = [c.strip() for c in rows[0]]
@@ -145,7 +164,7 @@ def read_csv_items(path: Path, subject: str) -> list[Item]:
 
 
 def read_json_items(path: Path, subject: str) -> list[Item]:
-    text = path.read_text(encoding="utf-8")
+    text = input_text(path, "items file")
     try:
         records = ([json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl"
                    else json.loads(text))
@@ -153,7 +172,11 @@ def read_json_items(path: Path, subject: str) -> list[Item]:
         raise LrbenchError(f"{path}: malformed JSON ({err})") from None
     if not isinstance(records, list):
         raise LrbenchError(f"{path}: expected a list of items")
-    return [item_from_record(r, subject, f"{path} item {i}") for i, r in enumerate(records, start=1)]
+    where = [f"{path} item {i}" for i in range(1, len(records) + 1)]
+    not_objects = [w for w, r in zip(where, records) if not isinstance(r, dict)]
+    if not_objects:
+        raise LrbenchError(f"{not_objects[0]}: not an object with question, options and answer")
+    return [item_from_record(r, subject, w) for w, r in zip(where, records)]
 
 
 def read_items(path: Path) -> list[Item]:
@@ -177,9 +200,12 @@ def read_mapping(folder: Path | None) -> dict:
     if path is None or not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        mapping = json.loads(input_text(path, "subject mapping"))
     except ValueError as err:
         raise LrbenchError(f"{path}: malformed JSON ({err})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, dict) for v in mapping.values()):
+        raise LrbenchError(f"{path}: expected {{subject: {{name, category}}}}, as CoLA's mapping.json")
+    return mapping
 
 
 def read_hub_items(cfg) -> list[Item]:
@@ -201,8 +227,12 @@ def load_items(cfg) -> tuple[dict[str, list[Item]], dict]:
     if cfg.files:
         paths = [Path(str(p)).expanduser() for p in cfg.files]
         for path in paths:
+            if path.is_dir():
+                raise LrbenchError(f"eval.files: {path} is a folder; give its files, or eval.data_dir={path}")
             if not path.is_file():
                 raise LrbenchError(f"eval.files: no such file {path}")
+            if path.suffix.lower() not in FILE_TYPES:
+                raise LrbenchError(f"eval.files: {path} is not one of {', '.join(FILE_TYPES)}")
         items = [i for p in paths for i in read_items(p)]
     else:
         folder = local_folder(cfg)
@@ -339,11 +369,27 @@ class MultipleChoiceEval:
         self.template = resolve_template(cfg.template or task_template or "auto", tokenizer, "eval.template")
         self.subjects, self.mapping = load_items(cfg)
         self.names = {s: self.subject_name(s) for s in self.subjects}
-        self.prompts = {s: [prompt_text(tokenizer, self.template, Turn(user_message(cfg, item, self.names[s]), ""))
-                            for item in items] for s, items in self.subjects.items()}
+        self.prompts = self.render_prompts()
         widest = max(len(shown_options(i, cfg.max_letters)) for items in self.subjects.values() for i in items)
         self.letter_ids = letter_token_ids(tokenizer, widest, cfg.letter_prefix)
         self.details: dict[str, dict] = {}
+
+    def render_prompts(self) -> dict[str, list[str]]:
+        """Every item's prompt, rendered once; a chat template that cannot render one is refused here, in a line."""
+        from jinja2 import TemplateError
+
+        try:
+            return {s: [prompt_text(self.tokenizer, self.template, Turn(user_message(self.cfg, item, self.names[s]),
+                                                                          "")) for item in items]
+                    for s, items in self.subjects.items()}
+        except TemplateError as err:
+            raise LrbenchError(f"eval.template={self.template}: the chat template of the tokenizer "
+                               f"{self.tokenizer.name_or_path!r} does not render ({type(err).__name__}: "
+                               f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no message'}); fix its "
+                               "chat_template, or choose eval.template=plain, llama3 or none") from None
+        except (KeyError, IndexError, ValueError) as err:  # a placeholder in eval.system or eval.choice_format
+            raise LrbenchError(f"eval.choice_format={self.cfg.choice_format!r} does not format ({err!r}); it may use "
+                               "{letter} and {text}") from None
 
     def subject_name(self, subject: str) -> str:
         if self.cfg.subject_name:
@@ -429,7 +475,9 @@ class MultipleChoiceEval:
         return preds
 
     def lm_eval_name(self, subject: str) -> str:
-        return f"lrbench_{self.cfg.name}_{subject}"
+        """The task's name in lm-eval, and its file's stem: a slug of the subject (the subject is data), numbered so
+        that two subjects with one slug stay apart."""
+        return f"lrbench_{slug(str(self.cfg.name))}_{list(self.subjects).index(subject):03d}_{slug(subject)}"
 
     def lm_eval_docs(self, subject: str) -> tuple[list[dict], str]:
         """lm-eval documents (context, letters, target) and the text between context and letter."""
@@ -449,7 +497,7 @@ class MultipleChoiceEval:
 
     def lm_eval_task(self, subject: str, folder: Path) -> dict:
         docs, delimiter = self.lm_eval_docs(subject)
-        path = folder / f"{subject}.jsonl"
+        path = folder / f"{self.lm_eval_name(subject)}.jsonl"  # never a path from the data
         path.write_text("".join(json.dumps(d) + "\n" for d in docs))
         return {"task": self.lm_eval_name(subject), "dataset_path": "json",
                 "dataset_kwargs": {"data_files": {"test": str(path)}}, "test_split": "test",
