@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import re
@@ -38,7 +39,7 @@ import yaml
 
 from lowrank_bench import assembly, validate
 from lowrank_bench.errors import LrbenchError, input_text, report
-from lowrank_bench.results import PROJECT_ROOT, config_hash, read_rows
+from lowrank_bench.results import PROJECT_ROOT, check_folder, config_hash, read_rows
 from lowrank_bench.tables import metric_value, unit_scale
 
 REGISTRY = PROJECT_ROOT / "conf" / "reproduce" / "tables.yaml"
@@ -195,6 +196,43 @@ def add_published_cells(table: Table, papers: dict[tuple, dict]) -> Table:
     return table
 
 
+def check_table(name: str, spec, scale: str) -> None:
+    """A table of the registry has the shape plan_table reads (see conf/reproduce/tables.yaml): a mapping with a
+    title, `runs` (name -> Hydra overrides), `columns` (name -> metric, or mean_of), `seeds` (integers >= 0) and
+    `sources` (paper, table); else one line naming the table and the entry, never a KeyError deep in the plan."""
+    where = f"registry table {name}"
+    if not isinstance(spec, dict):
+        raise LrbenchError(f"{where} is a {type(spec).__name__}, not a mapping with title, runs, columns, seeds "
+                           "(see conf/reproduce/tables.yaml)")
+    lacking = [key for key in ("title", "runs", "columns", "seeds") if key not in spec]
+    if lacking:
+        raise LrbenchError(f"{where} lacks {', '.join(lacking)} (a table has title, runs, columns, seeds; see "
+                           "conf/reproduce/tables.yaml)")
+    for key in ("runs", "columns"):
+        if not isinstance(spec[key], dict) or not spec[key]:
+            raise LrbenchError(f"{where}: {key} must be a mapping of {key[:-1]} name -> settings, not {spec[key]!r}")
+        bad = next((k for k, v in spec[key].items() if not isinstance(v, dict)), None)
+        if bad is not None:
+            raise LrbenchError(f"{where}: {key}.{bad} is {spec[key][bad]!r}; give a mapping ("
+                               + ("Hydra overrides, e.g. {method: lora, task: glue/mrpc}" if key == "runs" else
+                                  "metric: <a result column>, or mean_of: [columns]") + ")")
+    no_metric = [c for c, v in spec["columns"].items() if "metric" not in v and "mean_of" not in v]
+    at_scale = spec.get(scale) if scale != "full" else None
+    if no_metric and not (isinstance(at_scale, dict) and at_scale.get("metric")):
+        raise LrbenchError(f"{where}: column(s) {no_metric} name no metric; give each `metric: <a result column>` "
+                           "(e.g. accuracy) or `mean_of: [columns]`")
+    seeds = spec["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds):
+        raise LrbenchError(f"{where}: seeds={seeds!r}; give a list of integers >= 0, e.g. [0, 1, 2]")
+    sources = spec.get("sources", [])
+    if not isinstance(sources, list) or not all(isinstance(s, dict) and {"paper", "table"} <= set(s) for s in sources):
+        raise LrbenchError(f"{where}: sources must be a list of {{paper: ..., table: ...}}, as in "
+                           "results/paper_numbers.csv")
+    if scale != "full" and at_scale is not None and not isinstance(at_scale, dict):
+        raise LrbenchError(f"{where}: its `{scale}` entry is {at_scale!r}; give a mapping (runs, columns, seeds, "
+                           "overrides, skip)")
+
+
 def plan(registry: dict, scale: str, names: list[str] | None = None, seeds: list[int] | None = None,
          extra: dict | None = None) -> list[Table]:
     tables = registry["tables"]
@@ -203,6 +241,11 @@ def plan(registry: dict, scale: str, names: list[str] | None = None, seeds: list
         raise LrbenchError(f"--table: unknown table(s) {unknown}; valid: {', '.join(tables)}")
     if scale not in registry["scales"]:
         raise LrbenchError(f"--scale {scale}: valid: {', '.join(registry['scales'])}")
+    if not isinstance(registry["scales"][scale], dict):
+        raise LrbenchError(f"registry scale {scale} is {registry['scales'][scale]!r}; give a mapping (output, "
+                           "overrides, seeds)")
+    for name in names or tables:
+        check_table(name, tables[name], scale)
     return [plan_table(n, tables[n], scale, registry["scales"], seeds, extra) for n in names or tables]
 
 
@@ -781,9 +824,19 @@ def check_inputs(args) -> None:
     """The files and folders the command line names, before anything is composed or run."""
     input_text(args.papers, "published numbers")
     if args.csv and Path(args.csv).exists():  # a results CSV that does not exist yet is made by the runs
-        input_text(args.csv, "results CSV")
+        text = input_text(args.csv, "results CSV")
+        header = next(csv.reader(io.StringIO(text)), []) if text.strip() else ["method", "model", "task", "seed"]
+        if not {"method", "model", "task", "seed"} <= set(header):
+            raise LrbenchError(f"--csv {args.csv} is not an lrbench results file (its header lacks method, model, "
+                               "task, seed); give the CSV the runs write (LRBENCH_RESULTS_CSV)")
     if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
         raise LrbenchError(f"--output {args.output} is a file; give a folder for the tables")
+
+
+def check_output(output: Path, given: bool) -> None:
+    """The tables' folder can be written (tried, then removed if this made it): found out before any sweep runs,
+    not when the tables are written at the end."""
+    check_folder(output, f"--output {output}" if given else f"the scale's output folder {output} (or give --output)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -818,7 +871,10 @@ def reproduce(args) -> int:
     papers = paper_numbers(Path(args.papers))
     tables = [add_published_cells(t, papers)
               for t in plan(registry, args.scale, args.table, seeds, parse_overrides(args.override))]
+    if not args.output and "output" not in registry["scales"][args.scale]:
+        raise LrbenchError(f"registry scale {args.scale} names no output folder; add `output:` there or give --output")
     output = Path(args.output or PROJECT_ROOT / registry["scales"][args.scale]["output"])
+    check_output(output, bool(args.output))
     csv_path = Path(args.csv) if args.csv else output / "runs.csv"
     plan_ = plan_runs(tables, read_rows(csv_path))
     blocks = batches(plan_.pending)

@@ -216,11 +216,16 @@ def preflight(csv_path: Path, run_dir: Path) -> None:
         try_write(folder, csv_path, csv_setting)
         if csv_path.is_file():
             try_append(csv_path, csv_setting)
-    with trial_folder(Path(run_dir), Path(run_dir), f"output_dir / LRBENCH_OUTPUT_DIR ({run_dir})") as folder:
-        try_write(folder, Path(run_dir), f"output_dir / LRBENCH_OUTPUT_DIR ({run_dir})")
-    cache = cache_dir()
-    with trial_folder(cache, cache, f"LRBENCH_CACHE_DIR={cache}") as folder:
-        try_write(folder, cache, f"LRBENCH_CACHE_DIR={cache}")
+    check_folder(Path(run_dir), f"output_dir / LRBENCH_OUTPUT_DIR ({run_dir})")
+    check_folder(cache_dir(), f"LRBENCH_CACHE_DIR={cache_dir()}")
+
+
+def check_folder(folder: Path, setting: str) -> None:
+    """`folder` is, or can be made as, a folder lrbench can write in: tried (a file written and removed; the
+    folders the trial made removed again). `setting` names where the folder came from, for the message. Also for
+    a command's output root before Hydra makes its run folder there (`output_dir`)."""
+    with trial_folder(Path(folder), Path(folder), setting) as made:
+        try_write(made, Path(folder), setting)
 
 
 def unwritable(target: Path, doing: str, err: OSError, setting: str) -> LrbenchError:

@@ -129,6 +129,14 @@ def registry(runs: dict) -> str:
     })
 
 
+def spoilt(table) -> dict:
+    """REPRO's files with the registry's one table replaced by `table` (a mapping's keys over the valid table's, or
+    anything else in its place)."""
+    valid = yaml.safe_load(registry({"LoRA": ENCODER_E2E}))
+    t = {**valid["tables"]["t"], **table} if isinstance(table, dict) else table
+    return {"tables.yaml": yaml.safe_dump({**valid, "tables": {"t": t}}), "papers.csv": PAPERS}
+
+
 REPRO = ("--collect-only", "--registry", "{tmp}/tables.yaml", "--papers", "{tmp}/papers.csv", "--output", "{tmp}/out")
 ENCODER_E2E = {"model": "tiny-roberta", "task": "e2e", "method": "lora"}
 CHECKPOINT_FIX = "checkpoint.py: a damaged checkpoint is skipped by resume=auto (report)"
@@ -155,6 +163,26 @@ CASES = [
     FileCase("reproduce: every configuration an encoder for e2e", "reproduce", REPRO, 2,
              ("every configuration was refused (1",),
              {"tables.yaml": registry({"LoRA": ENCODER_E2E}), "papers.csv": PAPERS}),
+    FileCase("reproduce: a table not a mapping", "reproduce", REPRO, 2,
+             ("registry table t is a int, not a mapping", "title, runs, columns, seeds"), spoilt(5)),
+    FileCase("reproduce: a table without runs", "reproduce", REPRO, 2, ("registry table t lacks runs",),
+             {**spoilt({}), "tables.yaml": spoilt({})["tables.yaml"].replace("    runs:", "    rows:")}),
+    FileCase("reproduce: a run not a mapping", "reproduce", REPRO, 2, ("runs.LoRA is 5", "give a mapping"),
+             spoilt({"runs": {"LoRA": 5}})),
+    FileCase("reproduce: a column without a metric", "reproduce", REPRO, 2,
+             ("column(s) ['E2E'] name no metric", "mean_of"), spoilt({"columns": {"E2E": {"unit": "raw"}}})),
+    FileCase("reproduce: seeds not a list", "reproduce", REPRO, 2, ("seeds='x'", "integers >= 0"),
+             spoilt({"seeds": "x"})),
+    FileCase("reproduce: sources without paper", "reproduce", REPRO, 2, ("sources must be a list of",),
+             spoilt({"sources": [{"table": "Table 1"}]})),
+    FileCase("reproduce: --output cannot be made", "reproduce", (*REPRO[:-1], "/proc/nope/out"), 2,
+             ("--output /proc/nope/out", "is not writable", "making the folder /proc/nope failed"),
+             {"tables.yaml": registry({"LoRA": {**ENCODER_E2E, "model": "tiny-gpt2"}}), "papers.csv": PAPERS}),
+    FileCase("reproduce: --csv not a results file", "reproduce", (*REPRO, "--csv", "{tmp}/runs.csv"), 2,
+             ("--csv", "runs.csv is not an lrbench results file", "method, model, task, seed"),
+             {**spoilt({}), "runs.csv": "question,A,B,answer\nq,a,b,A\n"}),
+    FileCase("reproduce: --csv not UTF-8", "reproduce", (*REPRO, "--csv", "{tmp}/runs.csv"), 2,
+             ("results CSV", "runs.csv:1", "not UTF-8"), {**spoilt({}), "runs.csv": NOT_UTF8}),
     # item 9: damaged run folders (mode=eval)
     FileCase("eval: config not YAML", "lrbench", EVAL, 2,
              ("run_dir=", "config_resolved.yaml:3", "not valid YAML", "while parsing a flow sequence"), damaged(config_resolved__yaml=BAD_YAML)),
