@@ -1,7 +1,10 @@
-"""Where the configs live, and one group's config composed by Hydra on its own (a sequence's stage tasks: their
-defaults lists apply, as they do for `task=...` on the command line)."""
+"""Where the configs live, one group's config composed by Hydra on its own (a sequence's stage tasks: their
+defaults lists apply, as they do for `task=...` on the command line), and the command line's overrides checked
+against the configs before Hydra runs them (CommandLine: a typo, an unknown option, a stage that does not exist,
+malformed syntax, in every job of a sweep: one line, exit 2, before anything is made)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -64,27 +67,30 @@ def known_settings() -> frozenset[str]:
     """Every setting some config of conf/ defines, as `group.key` (a sequence's stage names as `*`: any stage may
     take any stage setting), plus READ_BUT_UNSET. `+key=value` adds one of these or nothing (Hydra's own settings,
     `hydra.*`, and conf/reproduce/ are not among them)."""
-    global _KNOWN, _TASK_KEYS
-    if _KNOWN is None:
-        import yaml
-
-        keys, task_keys = set(READ_BUT_UNSET), set()
-        for path in Path(CONF_DIR).rglob("*.yaml"):
-            folders = path.relative_to(CONF_DIR).parts[:-1]
-            if folders[:1] in (("hydra",), ("reproduce",)):
-                continue
-            data = yaml.safe_load(path.read_text()) or {}
-            data.pop("defaults", None)
-            package = package_of(path)
-            keys.update(star_stage(key) for key in flat_keys(data, package))
-            if package == "task" and folders[:2] != ("task", "continual"):
-                task_keys.update(data)
-        _KNOWN, _TASK_KEYS = frozenset(keys), frozenset(task_keys)
-    return _KNOWN
+    return schema()[0]
 
 
-_KNOWN: frozenset[str] | None = None
-_TASK_KEYS: frozenset[str] = frozenset()  # the settings of a single task (not a sequence): what a stage may set
+@functools.cache
+def schema() -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """(every setting, a single task's settings (what a stage may set), the groups a run may go without: those
+    whose entry in conf/config.yaml's defaults is null (eval, experiment))."""
+    import yaml
+
+    keys, task_keys = set(READ_BUT_UNSET), set()
+    for path in sorted(Path(CONF_DIR).rglob("*.yaml")):
+        folders = path.relative_to(CONF_DIR).parts[:-1]
+        if folders[:1] in (("hydra",), ("reproduce",)):
+            continue
+        data = yaml.safe_load(path.read_text()) or {}
+        data.pop("defaults", None)
+        package = package_of(path)
+        keys.update(star_stage(key) for key in flat_keys(data, package))
+        if package == "task" and folders[:2] != ("task", "continual"):
+            task_keys.update(data)
+    defaults = yaml.safe_load((Path(CONF_DIR) / "config.yaml").read_text()).get("defaults", [])
+    optional = {group for entry in defaults if isinstance(entry, dict) for group, choice in entry.items()
+                if choice is None}
+    return frozenset(keys), frozenset(task_keys), frozenset(optional)
 
 
 def star_stage(key: str) -> str:
@@ -96,8 +102,8 @@ def stage_settings(extra=()) -> set[str]:
     """What a stage (`task.stages.<stage>.<key>`, `task.every_stage.<key>`) may set: any task setting (it goes into
     the stage's task config), whatever a sequence's stages and protocols set, and `extra` (the stage's budget and
     optimiser keys: curriculum/sequence.py)."""
-    known = known_settings()
-    keys = set(extra) | _TASK_KEYS
+    known, task_keys, _ = schema()
+    keys = set(extra) | task_keys
     keys.update(k.split(".")[3] for k in known if k.startswith(STAGES + ".*.") and k.count(".") == 3)
     keys.update(k.split(".")[2] for k in known if k.startswith(EVERY_STAGE + ".") and k.count(".") == 2)
     keys.update(k.split(".")[4] for k in known if k.startswith("task.protocols.") and k.count(".") == 4)
@@ -160,6 +166,7 @@ class CommandLine:
         self.stage_keys = stage_settings(stage_keys)
         self.valid = valid  # key -> what is valid (validate.py), for the message of `~key`
         self._before: dict[tuple, DictConfig] = {}
+        self._options: dict[str, list[str]] = {}
 
     def check(self) -> None:
         from hydra import initialize_config_dir
@@ -173,6 +180,8 @@ class CommandLine:
             parsed = [self.parse(line) for line in self.overrides]
             for override in parsed:
                 self.check_choices(override)
+            if self.multirun and any(o.is_sweep_override() for o in parsed):
+                self.check_sweep_config(parsed)
             for variant in self.variants(parsed):
                 self.check_variant(variant)
 
@@ -207,15 +216,26 @@ class CommandLine:
                                    f"{override.key_or_group}='a,b')")
             if override.is_hydra_override():
                 raise LrbenchError(f"{line}: Hydra's own settings cannot be swept; give one value")
-        if not self.is_group(override) or override.is_delete():
+        if not self.is_group(override):
             return
         group = override.key_or_group
+        if group not in self._options:
+            self._options[group] = group_options(self.loader, group)
+        options = self._options[group]
+        shown = [o for o in options if not o.split("/")[-1].startswith("_")]
+        needed = group not in schema()[2] and not override.is_hydra_override()
+        if override.is_delete():
+            if needed:
+                raise LrbenchError(f"{line}: every run needs a {group}; valid: {', '.join(shown)}")
+            return
         values = self.values(override) if override.is_sweep_override() else [override.value()]
-        options = group_options(self.loader, group)
         for value in values or []:
-            if value is None or value in options or value == "null":
+            if value in (None, "null"):
+                raise LrbenchError(f"{group}=null: every run needs a {group}; valid: {', '.join(shown)}" if needed
+                                   else f"{group}=null: a config group takes no null; to run without {group}, write "
+                                   f"~{group}")
+            if value in options:
                 continue
-            shown = [o for o in options if not o.split("/")[-1].startswith("_")]
             where = f" (in the sweep {line})" if override.is_sweep_override() else ""
             raise LrbenchError(f"{group}={value}{where}: no such {group}{did_you_mean(str(value), shown)}; valid: "
                                f"{', '.join(shown)}")
@@ -240,6 +260,15 @@ class CommandLine:
                 variants.append(variant)
         return variants
 
+    def check_sweep_config(self, parsed) -> None:
+        """Before any job, Hydra composes the sweep's own config: the overrides that are not swept, with each swept
+        group at its default (so `-m method=bidora,dora method.orientation=row` fails there, on the default LoRA)."""
+        try:
+            self.check_variant([o.input_line for o in parsed if not o.is_sweep_override()])
+        except LrbenchError as err:
+            raise LrbenchError(f"{err} (in a -m sweep Hydra first composes the config with each swept group at its "
+                               "default; a setting that only swept options have is given with ++key=value)") from None
+
     # -- one job's overrides --------------------------------------------------------------------------------------
     def compose_groups(self, group_lines: tuple[str, ...]) -> DictConfig:
         """The config as its defaults compose it with these group choices: before any setting is overridden."""
@@ -251,7 +280,7 @@ class CommandLine:
             try:
                 self._before[group_lines] = compose(config_name="config", overrides=list(group_lines),
                                                     return_hydra_config=True)
-            except (HydraException, OmegaConfBaseException) as err:
+            except (HydraException, OmegaConfBaseException, ValueError) as err:
                 raise LrbenchError(f"{' '.join(group_lines)}: {one_line(err)}") from None
         return self._before[group_lines]
 
@@ -295,6 +324,10 @@ class CommandLine:
                                + (f"{key} must be {valid}" if valid else f"{key}=<value>"))
         if exists:
             current = OmegaConf.select(before, key, throw_on_resolution_failure=False)
+            if isinstance(current, DictConfig) and value is not None and not isinstance(value, dict):
+                inner = ", ".join(str(k) for k in list(current)[:8]) + (", ..." if len(current) > 8 else "")
+                raise LrbenchError(f"{line}: {key} holds settings ({inner}), not one value; set one of them: "
+                                   f"{key}.<setting>=value")
             if override.is_add() and current is not None and not isinstance(value, (dict, list)):
                 raise LrbenchError(f"{line}: {key} is already a setting (={current}); write "
                                    f"{line.lstrip('+')} without the +")
@@ -328,8 +361,9 @@ class CommandLine:
         elif not has(before, top):
             raise LrbenchError(f"{line}: no {top} is chosen in this run; its settings apply with {top}=<option>")
         if plain:
+            add = "++" if self.multirun else "+"  # (++: add or override, whichever each job of a sweep needs)
             raise LrbenchError(f"{key} is not set by this run's config ({self.choices(before)}); to add it "
-                               f"write +{line}")
+                               f"write {add}{line}")
 
     def check_stage_setting(self, key: str, before: DictConfig, line: str, defining: str) -> None:
         task = OmegaConf.select(before, "task.name", default="?")

@@ -1,6 +1,11 @@
 """Sweeps finish: in a `-m` sweep a job that fails (bad input for one combination, a crash) is recorded in
 `<sweep>/failures.jsonl` and the sweep goes on; at its end `SweepReport` (a Hydra callback, conf/config.yaml) lists
-the failed jobs and why, and the command exits 1 if any failed."""
+the failed jobs and why, and the command exits 1 if any failed.
+
+What can be told from the command line alone is refused before any job runs (configs.CommandLine, from train.main):
+a swept value that names no config (`method=lora,nonexistent,dora`) or a setting no config has, in any job of the
+sweep, is one line and exit status 2, with nothing run and no sweep folder. A value that only a job can judge (a
+rank too large for the model, a setting out of range: validate.py, at the job's start) is that job's failure."""
 from __future__ import annotations
 
 import json

@@ -69,7 +69,15 @@ CASES = [
             words=("model=tiny-robert: no such model", "did you mean tiny-roberta?", "valid:")),
     lrbench(*TINY, "optimizer=adam", id="unknown optimizer",
             words=("optimizer=adam: no such optimizer", "adamw")),
-    lrbench(*TINY, "method.rr=8", id="key not in the config", words=("unknown setting method.rr", "did you mean method.r?")),
+    lrbench(*TINY, "method.rr=8", id="key not in the config",
+            words=("unknown setting method.rr", "did you mean method.r?")),
+    lrbench(*TINY, "~method", id="~ on a group every run needs",
+            words=("~method: every run needs a method", METHODS)),
+    lrbench(*TINY, "method=null", id="null for a group every run needs",
+            words=("method=null: every run needs a method", METHODS)),
+    lrbench(*TINY, "eval=null", id="null for an optional group", words=("eval=null", "write ~eval")),
+    lrbench(*TINY, "trainer=3", id="a mapping of settings given one value",
+            words=("trainer=3: trainer holds settings", "batch_size", "trainer.<setting>=value")),
     lrbench(*TINY, "+trainer.batch_size=8", id="+ on a key already set",
             words=("+trainer.batch_size=8", "already a setting (=32)", "trainer.batch_size=8 without the +")),
     lrbench(*TINY, "model.path=/no/such/folder", id="model.path without + on a config-built model",
@@ -113,6 +121,9 @@ CASES = [
             id="sweep with a typo", words=("unknown setting method.orientaton", "did you mean method.orientation?")),
     lrbench("-m", *TINY, "trainer.max_steps=1", "method.rr=4,8", id="sweep over a key not in the config",
             words=("unknown setting method.rr", "did you mean method.r?")),
+    lrbench("-m", *TINY, "trainer.max_steps=1", "method=bidora,dora", "method.orientation=row",
+            id="sweep setting only a swept option has, without ++",
+            words=("method.orientation is not set by this run's config (method=lora", "++method.orientation=row")),
 ]
 
 
