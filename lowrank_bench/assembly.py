@@ -223,7 +223,11 @@ def read_run_config(path: Path, setting: str) -> DictConfig:
         raise LrbenchError(f"{what} {path} lacks {', '.join(missing)}: not a resolved run config (a run writes "
                            f"{', '.join(RUN_GROUPS)}, seed, ...)")
     try:
+        OmegaConf.to_container(cfg, resolve=True)  # a resolved config has no interpolation left; a hand-edited one may
         validate.check(cfg)
+    except OmegaConfBaseException as err:
+        raise LrbenchError(f"{what} {path}: {first_line(err)} (a run writes its config resolved; restore it)") \
+            from None
     except LrbenchError as err:
         raise LrbenchError(f"{what} {path}: {err}") from None
     return cfg

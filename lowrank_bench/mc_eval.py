@@ -104,6 +104,11 @@ def job(cfg) -> float | None:
 def main() -> None:
     import hydra
 
+    try:  # Hydra makes its run folder before the job runs: a file or a read-only place there is refused first
+        results.check_output_root([a for a in sys.argv[1:] if not a.startswith("-")])
+    except LrbenchError as err:
+        console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
+        sys.exit(2)
     hydra.main(version_base="1.3", config_path=assembly.CONF_DIR, config_name="config")(job)()
 
 

@@ -220,6 +220,17 @@ def preflight(csv_path: Path, run_dir: Path) -> None:
     check_folder(cache_dir(), f"LRBENCH_CACHE_DIR={cache_dir()}")
 
 
+def check_output_root(overrides: list[str]) -> None:
+    """Before Hydra makes a command's run folder under `output_dir` (where a file, or a read-only place, is its
+    traceback): the root of this command line's `output_dir=` (else $LRBENCH_OUTPUT_DIR, else outputs) tried with
+    `check_folder`. A command line that sets hydra.run.dir or hydra.sweep.dir itself is left to Hydra."""
+    if any(o.lstrip("+~").startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides):
+        return
+    values = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("output_dir=")]
+    root = values[-1] if values else os.environ.get("LRBENCH_OUTPUT_DIR") or "outputs"
+    check_folder(Path(root).expanduser(), f"output_dir={root} (LRBENCH_OUTPUT_DIR)")
+
+
 def check_folder(folder: Path, setting: str) -> None:
     """`folder` is, or can be made as, a folder lrbench can write in: tried (a file written and removed; the
     folders the trial made removed again). `setting` names where the folder came from, for the message. Also for
