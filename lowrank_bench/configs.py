@@ -189,13 +189,18 @@ class CommandLine:
     def parse(self, line: str):
         from hydra.errors import HydraException
 
-        try:
-            return self.parser.parse_override(line)
-        except HydraException as err:
-            reason = "no '='" if "=" not in line and not line.startswith("~") else one_line(
-                "\n".join(str(err).splitlines()[1:]) or err)
-            raise LrbenchError(f"malformed override {line!r} ({reason}); write key=value, +key=value (a setting "
-                               "the config does not set), ~key, or group=option (key=a,b,c sweeps, with -m)") from None
+        reason = "no '='" if "=" not in line and not line.startswith("~") else ""
+        if not reason:
+            try:
+                override = self.parser.parse_overrides([line])[0]  # (the plural sets the loader: glob sweeps)
+            except HydraException as err:
+                reason = one_line("\n".join(x for x in str(err).splitlines() if not x.startswith("Error parsing")))
+            else:
+                if override.key_or_group:
+                    return override
+                reason = "no key"
+        raise LrbenchError(f"malformed override {line!r} ({reason}); write key=value, +key=value (a setting the "
+                           "config does not set), ~key, or group=option (key=a,b,c sweeps, with -m)")
 
     def is_group(self, override) -> bool:
         return self.loader.repository.group_exists(override.key_or_group) and not isinstance(override.value(), dict)
@@ -291,7 +296,7 @@ class CommandLine:
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
-        parsed = [self.parser.parse_override(line) for line in lines]
+        parsed = [self.parse(line) for line in lines]
         groups = tuple(o.input_line for o in parsed if self.is_group(o))
         settings = [o for o in parsed if not self.is_group(o)]
         before = self.compose_groups(groups)

@@ -90,6 +90,9 @@ CASES = [
             words=("malformed override 'trainer.max_steps'", "no '='", "key=value")),
     lrbench(*TINY, "trainer.batch_size=[1", id="malformed: unclosed list",
             words=("malformed override 'trainer.batch_size=[1'", "key=value")),
+    lrbench(*TINY, "trainer.max_steps=2=3", id="malformed: two =",
+            words=("malformed override 'trainer.max_steps=2=3'", "key=value")),
+    lrbench(*TINY, "=3", id="malformed: no key", words=("malformed override '=3' (no key)", "key=value")),
     lrbench(*TINY, "method=lora,dora", id="sweep without -m",
             words=("method=lora,dora", "-m (--multirun)", "method=[a,b]")),
     lrbench(*TINY, "hydra.job.chdr=true", id="typo in Hydra's own settings",
@@ -172,6 +175,7 @@ def test_legitimate_overrides_pass(overrides):
     ["experiment=bidora/roberta_base_rte", "seed=0,1,2,3,4"],
     ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=lora,dora"],
     ["seed=range(0,3)"],
+    ["method=glob(peft/*)", "model=tiny-roberta"],
 ], ids=lambda o: " ".join(o))
 def test_legitimate_sweeps_pass(overrides):
     allowed(*overrides, multirun=True)
