@@ -94,7 +94,7 @@ def models_of_kind(kind: str) -> list[str]:
         try:
             if OmegaConf.load(path).get("kind") == kind:
                 found.append(path.stem)
-        except Exception:  # noqa: BLE001 (a broken YAML is reported when it is chosen, not in this list)
+        except Exception:  # noqa: BLE001, S112 (a broken YAML is reported when it is chosen, not in this list)
             continue
     return found
 
@@ -148,7 +148,8 @@ def package_folder(package: str) -> str:
 
 
 # -- damaged files: one line naming the file and what is wrong with it, never a traceback from deep in a loader ----
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")  # what from_pretrained reads, in its order
 
 
 def check_safetensors(path: Path, what: str) -> None:
