@@ -18,12 +18,12 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import compose_cfg
 from test_bad_input_table import Case, check
 
 from lowrank_bench import configs, validate
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.train import STAGE_KEYS, command_line
-from tests.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("model=tiny-roberta", "task=toy/sentiment", "logger=none")
