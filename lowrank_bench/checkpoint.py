@@ -128,11 +128,56 @@ def pointer(run_dir: Path) -> dict | None:
         return None
 
 
+def read_meta(path: Path) -> dict:
+    """meta.json of the checkpoint folder `path`; one that is not a JSON object is one line naming it."""
+    meta = path / "meta.json"
+    try:
+        value = json.loads(meta.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:
+        raise LrbenchError(damaged(path, f"{meta} is not valid JSON ({err})")) from None
+    if not isinstance(value, dict):
+        raise LrbenchError(damaged(path, f"{meta} is a JSON {type(value).__name__}, not an object"))
+    return value
+
+
+def damaged(path: Path, problem: str) -> str:
+    return (f"checkpoint {path} is damaged: {problem}; delete {path.parent.parent / FOLDER} to start this run afresh "
+            "(or give trainer.resume=<another checkpoint>)")
+
+
+#: what a resume reads from meta.json before anything else
+META_KEYS = ("format", "fingerprint", "identity", "position", "global_step", "wall_s")
+
+
+def check_whole(checkpoint: Checkpoint) -> None:
+    """The checkpoint a run is about to continue is whole: meta.json holds what a resume reads, tensors.safetensors
+    is a safetensors file its header covers, optimizer.pt a whole zip archive (torch.save's format). Else one line
+    naming the file: resuming it would crash mid-way, and starting afresh in silence would throw its progress away."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    path = checkpoint.path
+    lacking = [key for key in META_KEYS if key not in checkpoint.meta]
+    if lacking:
+        raise LrbenchError(damaged(path, f"{path / 'meta.json'} lacks {lacking}"))
+    tensors = path / "tensors.safetensors"
+    try:
+        with safe_open(str(tensors), "pt"):
+            pass
+    except Exception as err:  # noqa: BLE001 (safetensors' own error type, or a missing file)
+        raise LrbenchError(damaged(path, f"{tensors} is not a whole safetensors file "
+                                         f"({str(err).split(': ', 1)[-1]})")) from None
+    optimizer = path / "optimizer.pt"
+    if not (optimizer.is_file() and zipfile.is_zipfile(optimizer)):
+        raise LrbenchError(damaged(path, f"{optimizer} is missing or not a whole torch.save file"))
+
+
 def load(path: Path) -> Checkpoint | None:
     """The checkpoint at `path`: a checkpoint folder, a run's checkpoints/ folder or a run folder (its latest)."""
     path = Path(path)
     if (path / "meta.json").is_file():
-        return Checkpoint(path, json.loads((path / "meta.json").read_text()))
+        return Checkpoint(path, read_meta(path))
     for run_dir in (path, path.parent):
         latest = pointer(run_dir)
         if latest and (run_dir / FOLDER / latest["checkpoint"] / "meta.json").is_file():
@@ -150,8 +195,9 @@ def unfinished_under(root: Path, print_: str) -> list[tuple[float, Path]]:
     return sorted(found)
 
 
-def find(cfg: DictConfig, run_dir: Path) -> Checkpoint | None:
-    """The checkpoint this run continues, per `trainer.resume` (see the module's docstring), or None."""
+def find(cfg: DictConfig, run_dir: Path, check=lambda checkpoint: None) -> Checkpoint | None:
+    """The checkpoint this run continues, per `trainer.resume` (see the module's docstring), or None. `check` is
+    called on it before it is announced (`check_whole`: a damaged checkpoint is one line, not a crash)."""
     wanted = cfg.trainer.get("resume")
     tree = identity(cfg)
     ours = fingerprint(tree)
@@ -163,6 +209,7 @@ def find(cfg: DictConfig, run_dir: Path) -> Checkpoint | None:
             console.print(f"[yellow]{run_dir} holds a checkpoint of another config; starting afresh (it will be "
                           "replaced)")
             return None
+        check(own)
         console.print(f"continuing this run folder's checkpoint {own.describe()}")
         return own
     if wanted == "auto":
@@ -172,6 +219,7 @@ def find(cfg: DictConfig, run_dir: Path) -> Checkpoint | None:
                           "starting afresh")
             return None
         checkpoint = load(found[-1][1])
+        check(checkpoint)
         console.print(f"trainer.resume=auto: continuing {checkpoint.describe()}")
         return checkpoint
     checkpoint = load(Path(wanted))
@@ -189,6 +237,7 @@ def find(cfg: DictConfig, run_dir: Path) -> Checkpoint | None:
                            "leave trainer.resume unset to start afresh")
     if checkpoint.meta.get("finished"):
         raise LrbenchError(f"trainer.resume={wanted}: that run finished (its row is written); nothing to resume")
+    check(checkpoint)
     console.print(f"resuming {checkpoint.describe()}")
     return checkpoint
 
@@ -386,7 +435,7 @@ def find_on_main(cfg: DictConfig, run_dir: Path, dp) -> Checkpoint | None:
     found, error = None, None
     if dp.is_main:
         try:
-            found = find(cfg, run_dir)
+            found = find(cfg, run_dir, check_whole)
         except LrbenchError as err:
             error = str(err)
     path, error = dp.broadcast((str(found.path) if found else None, error))

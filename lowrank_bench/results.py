@@ -488,7 +488,7 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
         keys = list(summary)
         shown += [k for k in keys[keys.index("metric") + 1:keys.index("evaluated_run")] if k != "degenerate"]
         shown += ["evaluated_run"]
-    shown += ["backward_transfer", "average_forgetting", "ppl_before", "ppl_after", "degenerate", "train_steps",
+    shown += ["backward_transfer", "average_forgetting", "forward_transfer", "ppl_before", "ppl_after", "degenerate", "train_steps",
               "time_per_step_ms", "samples_per_s", "wall_time_s", "peak_mem_mb", "device", "git_commit"]
     for key in [k for k in shown if k in summary]:
         value = summary.get(key)

@@ -64,26 +64,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         except Diverged as stop:
             history, diverged = trainer.history, stop
             console.print(f"[bold red]{stop}: the run stops; its row says status=diverged")
-        scores = measures(shape, history, diverged)
-        if not diverged:
-            scores.update(s.before)
-            for evaluation in s.evaluations:
-                scores.update(evaluation.after(s.model, trainer.device, trainer.autocast))
+        with trainer.after_training():  # a signal here stops at once: the resume redoes only what follows
+            summary = finish(cfg, s, shape, trainer, stages, history, diverged, run_dir, logger, dp,
+                             time.perf_counter() - started, origin)
             if dp.is_main:
-                shape.write_files(run_dir, logger)
-                for evaluation in s.evaluations:
-                    evaluation.write(run_dir)
-                if cfg.save_adapter:  # (a diverged run's weights are not worth keeping)
-                    save_trained(s.model, shape, stages, run_dir)
-        summary = results.summarize(cfg, shape.name, shape.metric, s.method, trainer, history, s.params,
-                                    time.perf_counter() - started, origin,
-                                    {**scores, **trainer.extras, **stage_steps(history), **s.load_info,
-                                     "run_dir": str(run_dir)})
-        if dp.is_main:
-            results.write_run_files(cfg, run_dir, summary, shape.tables(history))
-            append_row_once(Path(cfg.results_csv), summary, run_dir, resume)
-            if trainer.store:
-                trainer.store.finish()
+                append_row_once(Path(cfg.results_csv), summary, run_dir, resume)
+        if dp.is_main and trainer.store:  # outside: once the checkpoints go, the run is written whole
+            trainer.store.finish()
     except checkpoint.Interrupted:
         outcome = "interrupted"  # checkpointed; trainer.resume continues it
         raise
@@ -92,6 +79,28 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             logger.finish(summary)
         if dp.is_main and run_dir.is_dir():
             results.write_status(run_dir, summary["status"] if summary else outcome)
+    return summary
+
+
+def finish(cfg, s, shape, trainer, stages, history, diverged, run_dir: Path, logger, dp, wall_s: float,
+           origin) -> dict:
+    """What follows training: the post-training evaluations, the run's files and adapter, its summary."""
+    scores = measures(shape, history, diverged)
+    if not diverged:
+        scores.update(s.before)
+        for evaluation in s.evaluations:
+            scores.update(evaluation.after(s.model, trainer.device, trainer.autocast))
+        if dp.is_main:
+            shape.write_files(run_dir, logger)
+            for evaluation in s.evaluations:
+                evaluation.write(run_dir)
+            if cfg.save_adapter:  # (a diverged run's weights are not worth keeping)
+                save_trained(s.model, shape, stages, run_dir)
+    summary = results.summarize(cfg, shape.name, shape.metric, s.method, trainer, history, s.params, wall_s, origin,
+                                {**scores, **trainer.extras, **stage_steps(history), **s.load_info,
+                                 "run_dir": str(run_dir)})
+    if dp.is_main:
+        results.write_run_files(cfg, run_dir, summary, shape.tables(history))
     return summary
 
 
@@ -183,9 +192,14 @@ def job(cfg: DictConfig) -> float | None:
             return None
         sys.exit(BAD_INPUT)
     except checkpoint.Interrupted as stop:
-        console.print(f"{signal.Signals(stop.signum).name}: stopped after checkpoint {stop.path}; "
+        where = f"after checkpoint {stop.path}" if stop.path else "(rank 0 holds the checkpoint)"
+        console.print(f"{signal.Signals(stop.signum).name}: stopped {where}; "
                       "`trainer.resume=auto` continues it (a requeued job continues by itself)")
         stop.hand_over()
+    except KeyboardInterrupt:  # a second Ctrl-C (the first checkpoints and stops), or one outside training
+        console.print("interrupted (Ctrl-C): stopped at once, without a checkpoint of this point; the run folder "
+                      "says failed")
+        sys.exit(130)
     except Exception as err:  # a crash: its traceback, and in a sweep the next job
         if not sweep.in_sweep():
             raise
@@ -241,6 +255,7 @@ def main():
         multirun = args.multirun or "hydra.mode=MULTIRUN" in args.overrides
         try:
             configs.check_command_line(args.overrides, multirun, STAGE_KEYS, validate.valid_text)
+            results.check_output_root(args.overrides)  # Hydra makes its folder there next: a file is its traceback
         except LrbenchError as err:
             print_refusal(err)
             sys.exit(BAD_INPUT)

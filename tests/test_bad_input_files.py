@@ -139,8 +139,6 @@ def spoilt(table) -> dict:
 
 REPRO = ("--collect-only", "--registry", "{tmp}/tables.yaml", "--papers", "{tmp}/papers.csv", "--output", "{tmp}/out")
 ENCODER_E2E = {"model": "tiny-roberta", "task": "e2e", "method": "lora"}
-CHECKPOINT_FIX = "checkpoint.py: a damaged checkpoint is skipped by resume=auto (report)"
-HYDRA_FIX = "train.py: the output folder checked before Hydra makes it (report)"
 
 CASES = [
     # item 7: the model's family for the task
@@ -268,9 +266,9 @@ CASES = [
                  {"weight_map": {"w": "model-00001-of-00002.safetensors"}}))),
     # item 9: a damaged checkpoint taken by trainer.resume=auto (checkpoint.py)
     FileCase("resume=auto: meta.json not JSON", "lrbench", (*TINY, "trainer.max_steps=2", "trainer.resume=auto"), 2,
-             ("meta.json", "not valid JSON"), checkpoint_files(meta="{cut"), waits=CHECKPOINT_FIX),
+             ("meta.json", "not valid JSON"), checkpoint_files(meta="{cut")),
     FileCase("resume=auto: tensors truncated", "lrbench", (*TINY, "trainer.max_steps=2", "trainer.resume=auto"), 2,
-             ("tensors.safetensors",), checkpoint_files(tensors=TRUNCATED), waits=CHECKPOINT_FIX),
+             ("tensors.safetensors",), checkpoint_files(tensors=TRUNCATED)),
     # item 10: where results, runs and caches go
     FileCase("results_csv=/proc/nope", "lrbench", (*TINY, "results_csv=/proc/nope"), 2,
              ("/proc/nope is not writable", "opening its lock file nope.lock failed", "LRBENCH_RESULTS_CSV")),
@@ -289,7 +287,7 @@ CASES = [
              ("LRBENCH_CACHE_DIR=/proc/nope/cache", "making the folder /proc/nope failed"),
              env={"LRBENCH_CACHE_DIR": "/proc/nope/cache"}),
     FileCase("output folder a file", "lrbench", (*TINY, "output_dir={tmp}/blocked"), 2,
-             ("output_dir", "blocked"), {"blocked": "a file"}, waits=HYDRA_FIX),
+             ("output_dir", "blocked"), {"blocked": "a file"}),
     FileCase("mc: output folder a file", "mc", (*MC, *mc_files("items.csv"), "output_dir={tmp}/blocked"), 2,
              ("output_dir=", "blocked (LRBENCH_OUTPUT_DIR)", "is not writable", "blocked is a file, not a folder"),
              {"blocked": "a file", "items.csv": ITEMS_CSV}),

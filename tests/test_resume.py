@@ -319,8 +319,6 @@ def test_after_training_a_signal_stops_at_once_naming_the_end_checkpoint(tmp_pat
         pass
 
 
-@pytest.mark.xfail(reason="train.py does not yet run what follows training (post-training evaluations, files, row) "
-                          "inside `with trainer.after_training():`", strict=False)
 def test_a_signal_during_the_post_training_evaluation_marks_the_run_interrupted(tmp_path, monkeypatch):
     """A SIGTERM while the post-training evaluation (eval=mc/...) runs: the run says `interrupted` (not `running`
     forever), writes no row, and `trainer.resume=auto` redoes only that evaluation."""
