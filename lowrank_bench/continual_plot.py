@@ -20,7 +20,8 @@ columns comma-separated, e.g. `--by method,lr`), each group's runs being its see
 The legend sits outside the data and gives each group's number of runs; the title names the sequence, its tasks
 and the model. The figure is written atomically. A text summary follows on stdout: per group, the final average
 accuracy (ACC), backward transfer (BWT) and average forgetting in percent points and the perplexity change in
-percent, mean ± std over the runs, and n.
+percent, mean ± std over the runs, and n; with two groups that share seeds, each measure's mean paired difference
+and a paired t-test over the seeds.
 
 A group whose runs have different configurations (several `config_hash` values: e.g. two learning rates, or two
 models) is refused rather than averaged: filter with `--where` or add the column that tells them apart to `--by`.
@@ -419,6 +420,34 @@ def summary_lines(groups: list[Group]) -> list[str]:
     return lines
 
 
+def paired_lines(groups: list[Group]) -> list[str]:
+    """Two groups whose runs share seeds: per measure, the mean difference (second minus first) over the shared
+    seeds and a paired t-test's two-sided p-value (scipy's ttest_rel; seeds are the pairs: same data order and
+    heads). Nothing for other group counts or fewer than two shared seeds."""
+    if len(groups) != 2:
+        return []
+    seeded = [{run.row.get("seed"): tables.with_derived(run.row) for run in g.runs} for g in groups]
+    seeds = sorted(set(seeded[0]) & set(seeded[1]), key=str)
+    if len(seeds) < 2:
+        return []
+    from scipy import stats
+
+    first, second = (g.label for g in groups)
+    lines = [f"paired over seeds {', '.join(map(str, seeds))}: {second} - {first}"]
+    for name, column in SUMMARY:
+        pairs = []
+        for seed in seeds:
+            x, y = (tables.numbers([runs[seed]], column) for runs in seeded)
+            if x and y:
+                pairs.append((x[0], y[0]))
+        if len(pairs) < 2:
+            continue
+        diffs = [y - x for x, y in pairs]
+        p = stats.ttest_rel(*zip(*pairs)).pvalue if len(set(diffs)) > 1 else float("nan")
+        lines.append(f"  {name}: {statistics.fmean(diffs) * 100:+.2f} (paired t-test p = {p:.3g}, n = {len(pairs)})")
+    return lines
+
+
 # -- the command --------------------------------------------------------------------------------------------------
 def load_groups(path: Path, where: list[str] = (), by: str = "method") -> list[Group]:
     """The continual runs of the results CSV at `path` kept by `where`, grouped by the `by` columns."""
@@ -451,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         save(comparison_figure(groups, args.band, args.title), Path(args.out))
     except LrbenchError as err:
         return report(err, PROG)
-    print("\n".join(summary_lines(groups)))
+    print("\n".join(summary_lines(groups) + paired_lines(groups)))
     print(f"figure: {args.out}")
     return 0
 

@@ -211,3 +211,20 @@ def test_python_m_refuses_a_missing_file_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "lowrank_bench.continual_plot", str(tmp_path / "absent.csv")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no such file" in done.stderr
+
+
+def test_two_methods_sharing_seeds_get_a_paired_difference_and_t_test(runs_csv, tmp_path, capsys):
+    assert continual_plot.main([str(runs_csv), "--where", "task=continual/offline", "--out",
+                                str(tmp_path / "c.png")]) == 0
+    text = capsys.readouterr().out
+    assert "paired over seeds 0, 1: curlora - lora" in text
+    # ACC differences per seed: 0.7 - 0.8 = -0.1, 0.675 - 0.6 = +0.075; mean -1.25 points; t = -0.0125 / (0.12374 /
+    # sqrt 2) = -0.1429 with 1 degree of freedom (a Cauchy): p = 1 - 2 atan(0.1429) / pi = 0.910
+    assert "ACC (%): -1.25 (paired t-test p = 0.91, n = 2)" in text
+    # BWT: 0 - (-0.1) = 0.1, -0.05 - (-0.1) = 0.05; mean +7.5; t = 0.075 / 0.025 = 3: p = 1 - 2 atan(3) / pi = 0.205
+    assert "BWT (%): +7.50 (paired t-test p = 0.205, n = 2)" in text
+
+
+def test_no_paired_lines_for_one_group(runs_csv):
+    groups = continual_plot.load_groups(runs_csv, ["task=continual/offline", "method=lora"])
+    assert continual_plot.paired_lines(groups) == []
