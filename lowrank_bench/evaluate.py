@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lowrank_bench import assembly, models, results, validate
+from lowrank_bench import assembly, models, progress, results, validate
 from lowrank_bench.assembly import run_folder
 from lowrank_bench.devices import autocast_for, pick_device
 from lowrank_bench.errors import LrbenchError
@@ -69,6 +69,7 @@ def evaluate_run(cfg: DictConfig, out_dir: Path, overridden: set[str]) -> dict:
     started = time.perf_counter()
     folder, adapter = saved_files(cfg)
     run_cfg = run_config(cfg, folder, overridden)
+    progress.configure(run_cfg.trainer)
     trained = assembly.read_summary(folder, setting_of(cfg))
     results.preflight(Path(cfg.results_csv), out_dir)  # the row can be written: checked before anything slow
     setup = assembly.rebuild(run_cfg, adapter)

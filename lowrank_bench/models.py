@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lowrank_bench import hub
+from lowrank_bench import hub, progress
 from lowrank_bench.errors import LrbenchError, choices
 
 SOURCES = ("hub", "path", "package", "config")
@@ -381,11 +381,17 @@ def head_kwargs(head: Head) -> dict:
 
 
 def quiet_transformers() -> None:
-    """The run prints its own report; transformers' per-key load report and progress bars are noise here."""
+    """The run prints its own report; transformers' per-key load report and its own bars (loading shards) are noise
+    here. The Hub's download bars stay on (a model of 15 GB downloads for minutes), unless `trainer.progress=false`
+    (progress.enabled) or HF_HUB_DISABLE_PROGRESS_BARS=1 says otherwise."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import enable_progress_bars
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    logging.disable_progress_bar()  # the Hub's bars too
+    if progress.enabled and constants.HF_HUB_DISABLE_PROGRESS_BARS is not True:
+        enable_progress_bars()
 
 
 def config_overrides(cfg: DictConfig, config) -> dict:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from lowrank_bench import progress
 from lowrank_bench.hub import load_dataset
 from lowrank_bench.errors import LrbenchError, choices
 
@@ -194,7 +195,7 @@ def strided_perplexity(model, input_ids, context: int, stride: int, device="cpu"
     ids = as_sequence(input_ids)
     n_tokens = len(ids)
     total_nll, n_scored, scored_until = 0.0, 0, 0
-    with evaluating(model):
+    with evaluating(model), progress.bar("perplexity", window_count(n_tokens, context, stride)) as advance:
         for begin in range(0, n_tokens, stride):
             end = min(begin + context, n_tokens)
             # tokens before `scored_until` were scored by an earlier window; position 0 of a window never can be
@@ -202,9 +203,15 @@ def strided_perplexity(model, input_ids, context: int, stride: int, device="cpu"
             total_nll += window_nll(model, ids[begin:end], first_scored, device, autocast)
             n_scored += end - begin - first_scored
             scored_until = end
+            advance()
             if end == n_tokens:
                 break
     return result(total_nll, n_scored)
+
+
+def window_count(n_tokens: int, context: int, stride: int) -> int:
+    """The windows `strided_perplexity` scores: up to the first that reaches the end of the corpus."""
+    return 1 + max(0, -(-(n_tokens - context) // stride))
 
 
 def single_window_perplexity(model, input_ids, max_tokens: int = 10000, device="cpu",
@@ -213,8 +220,9 @@ def single_window_perplexity(model, input_ids, max_tokens: int = 10000, device="
     if max_tokens < 2:
         raise LrbenchError(f"perplexity.max_tokens={max_tokens}; at least 2 tokens are needed: choose >= 2")
     ids = as_sequence(input_ids)[:max_tokens]
-    with evaluating(model):
+    with evaluating(model), progress.bar("perplexity", 1) as advance:
         total_nll = window_nll(model, ids, 1, device, autocast)
+        advance()
     return result(total_nll, len(ids) - 1)
 
 

@@ -118,6 +118,18 @@ def test_scored_token_count(model, n, context, stride):
     assert strided_perplexity(model, random_ids(n), context, stride)["tokens"] == expected
 
 
+@pytest.mark.parametrize("n, context, stride", [(30, 8, 1), (30, 8, 3), (31, 8, 7), (30, 8, 8), (33, 8, 8),
+                                                (17, 16, 5), (2, 2, 1), (64, 64, 64), (5, 8, 4)])
+def test_the_progress_bar_total_is_the_number_of_windows_scored(model, monkeypatch, n, context, stride):
+    from lowrank_bench import perplexity as module
+
+    windows = []
+    real = module.window_nll
+    monkeypatch.setattr(module, "window_nll", lambda *args: windows.append(1) or real(*args))
+    strided_perplexity(model, random_ids(n), context, stride)
+    assert len(windows) == module.window_count(n, context, stride)
+
+
 def test_batched_shape_and_training_mode_are_handled(model):
     ids = random_ids(16, seed=5)
     expected = strided_perplexity(model, ids, context=8, stride=4)

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_bench import hub
+from lowrank_bench import hub, progress
 from lowrank_bench.console import console
 from lowrank_bench.devices import autocast_for, pick_device
 from lowrank_bench.errors import LrbenchError, choices, input_text
@@ -295,9 +295,9 @@ def next_token_logits(model, input_ids, attention_mask, position_ids) -> torch.T
 
 @torch.no_grad()
 def letter_scores(model, prompts: list[list[int]], letter_ids: list[int], pad_id: int, batch_size: int,
-                  device="cpu", autocast=None) -> torch.Tensor:
+                  device="cpu", autocast=None, advance=lambda n: None) -> torch.Tensor:
     """(n prompts, n letters) next-token logits of the letters: left padding, explicit positions, prompts batched
-    by length (the results do not depend on the batching)."""
+    by length (the results do not depend on the batching). `advance(n)` after each batch of n prompts."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -311,6 +311,7 @@ def letter_scores(model, prompts: list[list[int]], letter_ids: list[int], pad_id
         with (autocast or nullcontext)():
             logits = next_token_logits(model, ids.to(device), mask.to(device), positions.to(device))
         out[chunk] = logits[:, letter_ids].float().cpu()
+        advance(len(chunk))
     model.train(was_training)
     return out
 
@@ -406,7 +407,7 @@ class MultipleChoiceEval:
         if self.cfg.backend == "lm_eval":
             preds = self.lm_eval_predictions(model, device, autocast)
         else:
-            preds = self.letter_predictions(model, device, autocast)
+            preds = self.letter_predictions(model, device, autocast, when)
         scores, details = accuracy_report(self.subjects, preds, self.mapping, self.cfg.max_letters)
         seconds = time.perf_counter() - start
         self.details[when] = {**scores, **details, "seconds": seconds}
@@ -416,13 +417,16 @@ class MultipleChoiceEval:
         suffix = "_before" if when == "before" else ""
         return {f"{k}{suffix}": v for k, v in scores.items()}
 
-    def letter_predictions(self, model, device, autocast) -> dict[str, list[int]]:
+    def letter_predictions(self, model, device, autocast, when: str = "after") -> dict[str, list[int]]:
         preds = {}
-        for subject, items in self.subjects.items():
-            prompts = [encode_text(self.tokenizer, p) for p in self.prompts[subject]]
-            scores = letter_scores(model, prompts, self.letter_ids, self.pad_id, int(self.cfg.batch_size), device,
-                                   autocast)
-            preds[subject] = predictions(scores, [len(shown_options(i, self.cfg.max_letters)) for i in items])
+        description = f"scoring {self.cfg.name}" + (" before training" if when == "before" else "")
+        items_count = sum(len(items) for items in self.subjects.values())
+        with progress.bar(description, items_count) as advance:
+            for subject, items in self.subjects.items():
+                prompts = [encode_text(self.tokenizer, p) for p in self.prompts[subject]]
+                scores = letter_scores(model, prompts, self.letter_ids, self.pad_id, int(self.cfg.batch_size),
+                                       device, autocast, advance)
+                preds[subject] = predictions(scores, [len(shown_options(i, self.cfg.max_letters)) for i in items])
         return preds
 
     def before(self, model, trainer_cfg) -> dict:

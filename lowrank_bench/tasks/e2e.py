@@ -12,20 +12,26 @@ order; a set LRBENCH_DATA_DIR without an `e2e` folder is an error), local or hub
   says which (`e2e` or `e2e/dev_by_mr`), so that the two never share a row label.
 
 Training example (LoRA's `gpt2_encode.py --add_bos --add_eos`): MR tokens, the separator (the tokenizer's EOS token,
-`<|endoftext|>` for GPT-2, unless `task.separator` gives a text), then the tokens of " " + reference and EOS. The loss
-is the next-token cross-entropy on the reference and its EOS only (MR, separator and padding are labelled -100),
+`<|endoftext|>` for GPT-2, unless `task.separator` gives a text), then the tokens of " " + reference and EOS. A
+tokenizer with a chat template (an instruct model: SmolLM2-135M-Instruct) gets its own format instead, unless
+`task.separator` is set: the prompt is the conversation with the MR as the user's turn up to the generation prompt,
+the target what the conversation with the reference as the assistant's turn adds after it (its end of turn
+included), tokenised apart as in tasks/sft.py; generation ends at the token that closes the assistant's turn. (The
+EOS separator would clash there: SmolLM2's EOS is its end of turn, after which it writes "assistant ..." or
+nothing.) The loss is the next-token cross-entropy on the target only (the prompt and padding are labelled -100),
 mean over those tokens, with label smoothing eps (`task.label_smoothing`, LoRA's `label_smooth` 0.1):
     loss = (1 - eps) * -log p(y) + eps * mean_v -log p(v),
 computed here from the logits (LoRA's `GPT2LMModel` forward computes the same). A sequence longer than
 `task.max_length` (null: `model.max_length`) loses the end of its reference.
 
-Evaluation: one generation per distinct MR (prompt: MR tokens and the separator), batched with left padding through
+Evaluation: one generation per distinct MR (prompt: as in training), batched with left padding through
 `model.generate` of whatever the trainer holds (a PeftModel forwards to the adapted HF model), beam search as in
 LoRA's `gpt2_beam.py` (`task.generation`: beam 10, length penalty 0.8, no-repeat-ngram 4, at most 64 new tokens),
 cut at the first EOS, decoded without special tokens, made one line. Each evaluation writes, in `<run>/e2e/`, the
 official scorer's inputs: `<split>-references.txt` (grouped, a blank line between MRs), `<split>-hypotheses-<k>.txt`
 (one line per MR; k counts the evaluations, on from the files already there, so a resumed run does not overwrite)
-and `<split>-mrs.txt`; `lrbench-e2e-metrics` on the two text files gives the run's numbers again. The run folder is
+and `<split>-mrs.txt`; when more than half the hypotheses are empty, a warning says so (all five metrics are then
+near 0); `lrbench-e2e-metrics` on the two text files gives the run's numbers again. The run folder is
 the one the runner gives (`use_run_folder`), else Hydra's job folder (rank 0 only under data
 parallel); with neither, nothing is written (the metrics are still computed).
 
@@ -51,12 +57,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowrank_bench import e2e_metrics, hub
+from lowrank_bench import e2e_metrics, hub, progress
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError, choices
 from lowrank_bench.models import Head
 from lowrank_bench.tasks.base import (Task, cached, check_text, fingerprint, local_data_folder, pad_batch,
                                       tokenizer_id)
+from lowrank_bench.tasks.sft import Turn, chat_response_text, encode_text, has_chat_template, prompt_text, template_id
 
 FILES = {"train": "trainset.csv", "validation": "devset.csv", "test": "testset_w_refs.csv"}
 HUB_DATASET = "tuetschek/e2e_nlg"
@@ -139,6 +146,14 @@ def end_token(tokenizer) -> int:
                        "one in the model's tokenizer block, e.g. special_tokens: {eos_token: ...}")
 
 
+def turn_end(tokenizer) -> int:
+    """The token that closes the assistant's turn under the chat template (SmolLM2: <|im_end|>, Llama 3: <|eot_id|>):
+    the first special token of a rendered response; else the end token."""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    response = encode_text(tokenizer, chat_response_text(tokenizer, Turn("name[x]", "x")))
+    return next((t for t in response if t in special), end_token(tokenizer))
+
+
 def reference_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions (labels != -100), label-smoothed."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
@@ -190,6 +205,7 @@ class E2ETask(Task):
         self.tokenizer = None
         self.end_id = 0
         self.separator: list[int] = []
+        self.chat = False  # the tokenizer's chat template frames MR and reference (module docstring)
         self.failed: dict[str, str] = {}  # metric -> why, skipped for the rest of the run
 
     def option(self, key: str, valid) -> str:
@@ -239,7 +255,8 @@ class E2ETask(Task):
 
     def encoding_id(self) -> str:
         keys = ("split", "eval_on", "eval_mrs", "split_seed", "separator")
-        return repr((type(self).__name__, 2, self.split, {k: self.cfg.get(k) for k in keys}))
+        framing = template_id(self.tokenizer, "chat") if self.chat else "separator"
+        return repr((type(self).__name__, 3, self.split, framing, {k: self.cfg.get(k) for k in keys}))
 
     def read_pairs(self, split: str) -> list[Pair]:
         if self.folder is not None:
@@ -276,8 +293,9 @@ class E2ETask(Task):
         """Training pairs and evaluation groups tokenised once (cached by content); the tokenizer kept for decoding."""
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.end_id = end_token(tokenizer)
         text = self.cfg.get("separator")
+        self.chat = not text and has_chat_template(tokenizer)
+        self.end_id = turn_end(tokenizer) if self.chat else end_token(tokenizer)
         self.separator = tokenizer(text, add_special_tokens=False)["input_ids"] if text else [self.end_id]
         for split in (self.train_split, *self.eval_splits):
             key = fingerprint(self.name, split, self.source_id(), tokenizer_id(tokenizer), max_length,
@@ -289,15 +307,23 @@ class E2ETask(Task):
             self.splits[split] = self.subsample(encoded, split)
 
     def prompt(self, tokenizer, mr: str) -> list[int]:
-        return tokenizer(mr, add_special_tokens=False)["input_ids"] + self.separator
+        if self.chat:
+            return encode_text(tokenizer, prompt_text(tokenizer, "chat", Turn(mr, "")))
+        return encode_text(tokenizer, mr) + self.separator
+
+    def target(self, tokenizer, pair: Pair) -> list[int]:
+        if self.chat:
+            return encode_text(tokenizer, chat_response_text(tokenizer, Turn(pair["mr"], pair["ref"])))
+        return encode_text(tokenizer, " " + pair["ref"]) + [self.end_id]
 
     def encode(self, tokenizer, examples: list[Pair], max_length: int) -> list[dict]:
-        """MR + separator + " " + reference + EOS; labels on the reference and EOS only."""
+        """Prompt (MR + separator, or the chat template's user turn) + target (" " + reference + EOS, or the
+        assistant's turn); labels on the target only."""
         features = []
         for pair in examples:
             prompt = self.prompt(tokenizer, pair["mr"])
             self.check_prompt(prompt, max_length, pair["mr"])
-            target = tokenizer(" " + pair["ref"], add_special_tokens=False)["input_ids"] + [self.end_id]
+            target = self.target(tokenizer, pair)
             ids = (prompt + target)[:max_length]
             labels = ([-100] * len(prompt) + target)[:max_length]
             features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
@@ -358,11 +384,13 @@ class E2ETask(Task):
         model.eval()
         out: list[list[int]] = []
         try:
-            for start in range(0, len(prompts), batch_size):
-                batch = self.left_padded(prompts[start:start + batch_size], device)
-                with (autocast or nullcontext)():
-                    generated = model.generate(**batch, **kwargs)
-                out += self.continuations(generated, batch["input_ids"].shape[1])
+            with progress.bar(f"generating {self.name}", len(prompts)) as advance:
+                for start in range(0, len(prompts), batch_size):
+                    batch = self.left_padded(prompts[start:start + batch_size], device)
+                    with (autocast or nullcontext)():
+                        generated = model.generate(**batch, **kwargs)
+                    out += self.continuations(generated, batch["input_ids"].shape[1])
+                    advance(len(batch["input_ids"]))
         finally:
             model.train(was_training)
         return out
@@ -378,6 +406,7 @@ class E2ETask(Task):
         groups = self.splits[split]
         hypotheses = self.generate_texts(model, [g["prompt_ids"] for g in groups],
                                          self.decoding.batch_size or batch_size, device, autocast)
+        self.warn_if_empty(hypotheses)
         references = [g["references"] for g in groups]
         wanted = [m for m in e2e_metrics.METRICS if m not in self.failed]
         scores = e2e_metrics.score(references, hypotheses, wanted)
@@ -385,6 +414,13 @@ class E2ETask(Task):
         skipped = {e2e_metrics.error_key(m): f"skipped: failed at an earlier evaluation of this run ({why})"
                    for m, why in self.failed.items() if m not in wanted}
         return {**scores, **skipped, **self.save(split, groups, hypotheses)}
+
+    def warn_if_empty(self, hypotheses: list[str]) -> None:
+        empty = sum(not h.strip() for h in hypotheses)
+        if empty * 2 > len(hypotheses):
+            console.print(f"[bold yellow]warning:[/] {self.name}: {empty} of {len(hypotheses)} generated texts are "
+                          "empty, so every metric is near 0: the model ends its answer at once (train it longer; "
+                          f"prompts: {'the chat template' if self.chat else 'MR + separator'})", soft_wrap=True)
 
     def remember_failures(self, scores: dict) -> None:
         for metric in e2e_metrics.METRICS:

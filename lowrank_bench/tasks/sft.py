@@ -75,7 +75,7 @@ from pathlib import Path
 import torch
 from rich.text import Text
 
-from lowrank_bench import hub
+from lowrank_bench import hub, progress
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError, choices
 from lowrank_bench.models import Head
@@ -531,7 +531,8 @@ class SftTask(Task):
         was_training = model.training
         model.eval()
         nll, correct, tokens = 0.0, 0, 0
-        for batch in self.loader(split, self.cfg.eval_batch_size or batch_size):
+        for batch in progress.track(self.loader(split, self.cfg.eval_batch_size or batch_size),
+                                    f"evaluating {self.name}"):
             batch = {k: v.to(device) for k, v in batch.items()}
             with (autocast or nullcontext)():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -2,6 +2,7 @@
 MR, batched left-padded beam search, the official files of each evaluation, bad input, and every method end to end."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -105,6 +106,61 @@ def test_gpt2_examples_use_endoftext_as_separator_and_end(tmp_path):
     assert ids.count(50256) == 2 and ids[-1] == 50256
     assert tokenizer.decode(ids).count("<|endoftext|>") == 2
     assert task.splits["validation"][0]["prompt_ids"][-1] == 50256
+
+
+CHATML = ("{% for m in messages %}[CLS]{{ m['role'] }}\n{{ m['content'] }}[SEP]\n{% endfor %}"
+          "{% if add_generation_prompt %}[CLS]assistant\n{% endif %}")
+
+
+def chat_tokenizer():
+    """The tiny model's tokenizer given a ChatML-like template ([CLS] opens a turn, [SEP] closes it)."""
+    tokenizer = copy.deepcopy(tiny()[1])
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def test_a_chat_tokenizer_frames_the_mr_as_the_user_turn_and_trains_on_the_assistant_turn_only(tmp_path):
+    tokenizer = chat_tokenizer()
+    plain = prepared(tmp_path)  # the same data and tokenizer name first: its cached encodings must not be reused
+    task = E2ETask(task_cfg(tmp_path / "e2e"))
+    task.prepare(tokenizer, 64)
+    assert task.chat and not plain.chat and task.end_id == tokenizer.sep_token_id  # the turn's end, [SEP]
+    mr, ref = next((mr, refs[0]) for mr, refs in RESTAURANTS.items() if mr not in task_mrs(task))
+    prompt = tokenizer(f"[CLS]user\n{mr}[SEP]\n[CLS]assistant\n", add_special_tokens=False)["input_ids"]
+    target = tokenizer(f"{ref}[SEP]\n", add_special_tokens=False)["input_ids"]
+    example = task.splits["train"][0]
+    assert example["input_ids"] == prompt + target and example["input_ids"] != plain.splits["train"][0]["input_ids"]
+    assert example["labels"] == [-100] * len(prompt) + target
+    group = task.splits["validation"][0]
+    assert group["prompt_ids"] == tokenizer(f"[CLS]user\n{group['mr']}[SEP]\n[CLS]assistant\n",
+                                            add_special_tokens=False)["input_ids"]
+    ids = task.generate_ids(tiny()[0], [g["prompt_ids"] for g in task.splits["validation"]], batch_size=2)
+    assert all(task.end_id not in i for i in ids)
+
+
+def test_a_tokenizer_without_chat_template_or_a_given_separator_keeps_mr_separator_prompts(tmp_path):
+    tokenizer = tiny()[1]
+    task = prepared(tmp_path)
+    group = task.splits["validation"][0]
+    assert not task.chat and group["prompt_ids"] == tokenizer(group["mr"], add_special_tokens=False)["input_ids"] + [
+        tokenizer.sep_token_id]
+    chat = E2ETask(task_cfg(tmp_path / "e2e", separator=" ||"))
+    chat.prepare(chat_tokenizer(), 64)
+    group = chat.splits["validation"][0]
+    assert not chat.chat and group["prompt_ids"] == tokenizer(group["mr"] + " ||", add_special_tokens=False)[
+        "input_ids"]
+
+
+def test_mostly_empty_generations_are_one_warning(tmp_path, monkeypatch, capsys):
+    task = prepared(tmp_path, eval_mrs=3)
+    monkeypatch.setattr(task, "generate_texts", lambda *a, **k: ["", "A pub.", ""])
+    scores = task.evaluate(tiny()[0], "validation", batch_size=2)
+    warning = [line for line in capsys.readouterr().err.splitlines() if "empty" in line]
+    assert len(warning) == 1 and "2 of 3 generated texts are empty" in warning[0]
+    assert scores["BLEU"] < 0.5
+    monkeypatch.setattr(task, "generate_texts", lambda *a, **k: ["", "A pub.", "A bar."])
+    task.evaluate(tiny()[0], "validation", batch_size=2)
+    assert "empty" not in capsys.readouterr().err
 
 
 def task_mrs(task):
