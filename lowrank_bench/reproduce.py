@@ -16,7 +16,9 @@ left out of the numbers, and listed. `--collect-only` (or COLLECT_ONLY=1) runs n
 
 Each table is written as Markdown, LaTeX and a PNG: ours as mean ± std over seeds (in the paper's unit), the seed
 count, the paper's value, the difference and whether it is within our seeds' spread (|ours - paper| <= std);
-missing cells say why; runs that predicted a single class are flagged. Paired comparisons across methods on the
+missing cells say why; runs that predicted a single class are flagged. The PNG is a grid of small panels, one per
+column, a horizontal bar per run (at most 4 panels across: ~1,500 px wide). `index.md` lists every table in the
+output folder, those of earlier invocations too, so `--table t` updates t's line and keeps the others. Paired comparisons across methods on the
 same cells (e.g. BiDoRA vs DoRA, as the paper reports): Wilcoxon signed-rank test and a bootstrap 95% interval of
 the mean difference, over the cells' seed means.
 """
@@ -743,38 +745,67 @@ def latex(table: Table, results: dict[tuple, Result], comparisons: list[Comparis
     return "\n".join(out) + "\n"
 
 
+PANELS_ACROSS = 4   # panels per row of a table's figure
+PANEL_WIDTH = 3.1   # inches
+FIGURE_DPI = 100    # 4 panels and the run labels: at most ~1,500 px wide
+
+
 def plot(table: Table, results: dict[tuple, Result], path: Path) -> None:
-    """Ours (mean ± std) and the paper's value per cell, one panel per unit (perplexities on a log axis)."""
+    """A grid of small panels, one per column of the table (its task and measure), one horizontal bar per run:
+    ours (mean, the std over seeds as an error bar), the paper's value a red mark; a raw measure spanning more than
+    a factor of 100 (perplexities) on a log axis. Run names are read once per row of panels, unrotated."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    units = list(dict.fromkeys(r.cell.unit for r in results.values()))
-    fig, axes = plt.subplots(len(units), 1, squeeze=False,
-                             figsize=(max(6.0, 0.28 * len(results) / len(units) + 2), 3.6 * len(units)))
-    for ax, unit in zip(axes[:, 0], units):
-        cells = [r for r in results.values() if r.cell.unit == unit]
-        x = range(len(cells))
-        ours = [(i, r.mean, r.std or 0.0) for i, r in zip(x, cells) if r.mean is not None]
-        paper = [(i, r.paper_value) for i, r in zip(x, cells) if r.paper_value is not None]
-        if ours:
-            ax.errorbar([o[0] for o in ours], [o[1] for o in ours], yerr=[o[2] for o in ours], fmt="o", capsize=3,
-                        label="ours (mean ± std)")
-        if paper:
-            ax.plot([p[0] for p in paper], [p[1] for p in paper], "x", color="tab:red", label="paper")
-        ax.set_xticks(list(x), [f"{r.cell.run} · {r.cell.column}" for r in cells], rotation=90, fontsize=6)
-        ax.set_ylabel(unit)
-        if unit == "raw" and all(v > 0 for _, v in paper) and all(o[1] > 0 for o in ours) and (ours or paper):
-            ax.set_yscale("log")
-        if ours or paper:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "no cell has a value", transform=ax.transAxes, ha="center")
-    axes[0, 0].set_title(f"{table.title} ({table.scale})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    across = min(PANELS_ACROSS, len(table.columns))
+    rows = -(-len(table.columns) // across)
+    labels = max(len(run) for run in table.runs) * 0.075 + 0.3  # inches for the run names (8 pt)
+    fig, axes = plt.subplots(rows, across, squeeze=False, sharey=True,
+                             figsize=(labels + across * PANEL_WIDTH, rows * (0.7 + 0.24 * len(table.runs)) + 0.9))
+    for ax, column in zip(axes.flat, table.columns):
+        panel(ax, column, [results[(run, column)] for run in table.runs])
+    for ax in axes.flat[len(table.columns):]:
+        ax.set_visible(False)
+    axes[0, 0].set_yticks(range(len(table.runs)), table.runs)
+    axes[0, 0].invert_yaxis()  # the registry's first run on top
+    fig.suptitle(f"{table.title} ({table.scale})", fontsize=10)
+    handles = [plt.Rectangle((0, 0), 1, 1, color="tab:blue", alpha=0.8),
+               plt.Line2D([], [], color="tab:red", marker="|", linestyle="", markersize=10, markeredgewidth=2)]
+    fig.legend(handles, ["ours (mean ± std over seeds)", "paper"], loc="lower center", ncol=2, fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.4 / fig.get_figheight(), 1, 1))
+    fig.savefig(path, dpi=FIGURE_DPI)
     plt.close(fig)
+
+
+def panel(ax, column: str, cells: list[Result]) -> None:
+    """One column of the table: a bar per run (its position in `cells`), the paper's value marked."""
+    import textwrap
+
+    ours = [(y, r.mean, r.std or 0.0) for y, r in enumerate(cells) if r.mean is not None]
+    paper = [(y, r.paper_value) for y, r in enumerate(cells) if r.paper_value is not None]
+    values = [v for _, v, _ in ours] + [v for _, v in paper]
+    unit = cells[0].cell.unit
+    if unit == "raw" and values and min(values) > 0 and max(values) > 100 * min(values):
+        ax.set_xscale("log")
+    if ours:
+        ax.barh([y for y, _, _ in ours], [m for _, m, _ in ours], xerr=[s for _, _, s in ours], height=0.6,
+                color="tab:blue", alpha=0.8, error_kw={"capsize": 2, "elinewidth": 1})
+    if paper:
+        ax.plot([v for _, v in paper], [y for y, _ in paper], "|", color="tab:red", markersize=10,
+                markeredgewidth=2)
+    for y, r in enumerate(cells):
+        if r.mean is None:
+            ax.text(0.02, y, "missing", transform=ax.get_yaxis_transform(), va="center", fontsize=7, color="0.5")
+    ax.set_title(textwrap.fill(column, 30), fontsize=9)
+    ax.set_xlabel(unit, fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    if unit == "percent" and values and max(values) <= 100:
+        ax.set_xlim(0, 100)
 
 
 def write_table(table: Table, results: dict[tuple, Result], comparisons: list[Comparison], output: Path) -> None:
@@ -784,17 +815,33 @@ def write_table(table: Table, results: dict[tuple, Result], comparisons: list[Co
     plot(table, results, output / f"{table.name}.png")
 
 
-def write_index(rendered: list[tuple[Table, dict[tuple, Result]]], output: Path, failed: list[str]) -> None:
+def write_index(output: Path, failed: list[str]) -> None:
+    """index.md over every table in `output`, those of earlier runs of the command too (`--table t` adds t's line,
+    it does not drop the others'): each line read back from the table's own Markdown."""
     lines = ["# Reproduced tables", "", "| table | cells with ours | with the paper's | both | files |",
              "|---|---|---|---|---|"]
-    for table, results in rendered:
-        ours = sum(bool(r.values) for r in results.values())
-        papers = sum(r.paper is not None for r in results.values()) if table.transcribed else NOT_TRANSCRIBED
-        both = sum(bool(r.values) and r.paper is not None for r in results.values())
-        lines.append(f"| {table.title} | {ours}/{len(results)} | {papers} | {both} | [{table.name}.md]({table.name}.md),"
-                     f" .tex, .png |")
+    for path in sorted(output.glob("*.md")):
+        entry = index_entry(path.read_text())
+        if entry:
+            title, ours, total, papers, both = entry
+            lines.append(f"| {title} | {ours}/{total} | {papers} | {both} | [{path.name}]({path.name}), .tex, .png |")
     lines += ["", "## Failed sweeps", ""] + ([f"- {f}" for f in failed] or ["none"]) + [""]
     (output / "index.md").write_text("\n".join(lines))
+
+
+def index_entry(text: str) -> tuple[str, int, int, int | str, int] | None:
+    """(title, cells with ours, cells, with the paper's or NOT_TRANSCRIBED, both) of a table's Markdown; None for a
+    file that is not one."""
+    if not text.startswith("# ") or "\n## Cell by cell\n" not in text:
+        return None
+    block = text.split("\n## Cell by cell\n", 1)[1].split("\n## ", 1)[0]
+    cells = [re.split(r"(?<!\\) \| ", row.strip()[2:-2]) for row in block.splitlines()
+             if row.startswith("| ") and not row.startswith(("| run |", "| --- |"))]
+    ours = [c[2] != MISSING for c in cells]
+    paper = [c[4] not in (MISSING, NOT_TRANSCRIBED) for c in cells]
+    transcribed = f"The paper's numbers are **{NOT_TRANSCRIBED}**" not in text
+    return (text.splitlines()[0][2:], sum(ours), len(cells), sum(paper) if transcribed else NOT_TRANSCRIBED,
+            sum(o and p for o, p in zip(ours, paper)))
 
 
 # -- the command --------------------------------------------------------------------------------------------------
@@ -894,13 +941,11 @@ def reproduce(args) -> int:
     if blocks and not args.collect_only:
         failed = run_sweeps(blocks, csv_path, PROJECT_ROOT / "outputs" / "reproduce" / args.scale)
     rows = read_rows(csv_path)
-    rendered = []
     for table in tables:
         results = collect(table, plan_, rows, papers)
         comparisons = [compare(table, spec, results) for spec in table.compare]
         write_table(table, results, comparisons, output)
-        rendered.append((table, results))
-    write_index(rendered, output, failed)
+    write_index(output, failed)
     print(f"wrote {len(tables)} table(s) to {output} in {time.perf_counter() - started:.1f} s"
           + (f"; {len(failed)} sweep(s) failed:\n  " + "\n  ".join(failed) if failed else ""))
     if plan_.errors:

@@ -324,3 +324,47 @@ def test_bidora_tables_compare_the_official_rows_and_carry_table_4():
     assert len(protein.cells) == 4 * 12 and all(found) and all(c.overrides is None for c in protein.cells)
     assert found[protein.cells.index(next(c for c in protein.cells if (c.run, c.column) == ("BiDoRA", "MIC MSE")))][
         "value"] == "0.2818"
+
+
+# -- figures and the index -------------------------------------------------------------------------------------------
+def drawn_figures(monkeypatch) -> list:
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k))
+    return figures
+
+
+@pytest.mark.parametrize("name", ["bidora_glue", "bidora_protein", "curlora_gpt2"])
+def test_a_tables_figure_is_a_grid_of_panels_at_most_1600_px_wide_with_unrotated_labels(name, tmp_path, monkeypatch):
+    from matplotlib.image import imread
+
+    papers = reproduce.paper_numbers()
+    (table,) = [reproduce.add_published_cells(t, papers) for t in plan(load_registry(reproduce.REGISTRY), "full",
+                                                                       [name])]
+    results = {(c.run, c.column): Result(c, values={0: 40.0 + i % 7, 1: 41.0 + i % 5} if i % 4 else {},
+                                         paper=reproduce.paper_for(table, c, papers))
+               for i, c in enumerate(table.cells)}
+    figures = drawn_figures(monkeypatch)
+    reproduce.plot(table, results, tmp_path / "t.png")
+    height, width = imread(tmp_path / "t.png").shape[:2]
+    assert width <= 1600 and height <= 1600, (width, height)
+    panels = [ax for ax in figures[0].axes if ax.get_visible()]
+    assert [ax.get_title().replace("\n", " ") for ax in panels] == table.columns  # one panel per column
+    labels = [t for ax in panels for t in ax.get_xticklabels() + ax.get_yticklabels()]
+    assert all(t.get_rotation() == 0 for t in labels)
+    assert [t.get_text() for t in panels[0].get_yticklabels()] == table.runs
+    assert min(t.get_fontsize() for t in labels) >= 7
+
+
+def test_a_single_table_run_keeps_the_other_tables_in_the_index(setup, monkeypatch):
+    args, out = setup
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda *a, **k: pytest.fail("--collect-only ran something"))
+    assert reproduce.main([*args, "--collect-only", "--table", "glue"]) == 0
+    assert reproduce.main([*args, "--collect-only", "--table", "nlg"]) == 0
+    index = (out / "index.md").read_text()
+    assert "| A GLUE-like table | 0/9 | 5 | 0 | [glue.md](glue.md), .tex, .png |" in index
+    assert "| A table whose family cannot run here | 0/1 | 1 | 0 | [nlg.md](nlg.md), .tex, .png |" in index
+    (out / "notes.md").write_text("# Notes\n\nnot a table\n")
+    assert reproduce.main([*args, "--collect-only", "--table", "glue"]) == 0
+    assert "Notes" not in (out / "index.md").read_text() and "nlg.md" in (out / "index.md").read_text()
