@@ -34,6 +34,75 @@ def task_config(name: str) -> DictConfig:
     return OmegaConf.create(OmegaConf.to_container(composed.task, resolve=False))
 
 
+# -- sweep job folders and the help page (the resolvers of conf/config.yaml and conf/hydra/help/lrbench.yaml) -----
+#: at most this many characters of a sweep job's folder name follow its number
+FOLDER_CHARS = 80
+#: the Hydra setting whose keys a sweep job's folder name leaves out
+EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"
+
+
+def job_folder(num, overrides) -> str:
+    """A sweep job's folder name: its number, then what it varies (Hydra's override_dirname: `0_method=lora,seed=0`).
+    `/` becomes `-` (task=glue/sst2 names one folder, not two), any character but letters, digits and `_.,=+-`
+    becomes `_`, and at most FOLDER_CHARS follow the number (which keeps the names apart)."""
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", str(overrides or "").replace("/", "-"))[:FOLDER_CHARS]
+    return f"{num}_{name}" if name else str(num)
+
+
+def sweep_folder_override(overrides: list[str]) -> str | None:
+    """The override that names a sweep's job folders by what differs: conf/config.yaml's exclude_keys (where and how
+    a job reports) plus every key the command line gives one value (each job has it alike). None when the command
+    line sets exclude_keys itself."""
+    import json
+
+    import yaml
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(line.lstrip("+~").startswith(EXCLUDE_KEYS) for line in overrides):
+        return None
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    alike = {o.key_or_group for o in parsed if not o.is_sweep_override() and not o.is_hydra_override()}
+    node = yaml.safe_load((Path(CONF_DIR) / "config.yaml").read_text())
+    for key in EXCLUDE_KEYS.split("."):
+        node = (node or {}).get(key)
+    keys = sorted(set(node or []) | alike)
+    return f"{EXCLUDE_KEYS}=[{','.join(json.dumps(k) for k in keys)}]"
+
+
+def help_groups(width: int = 116) -> str:
+    """The config groups a run composes (conf/config.yaml's defaults, in that order), one line per folder, written as
+    an override writes them (`task=glue/  cola mnli ...`); shared bases (names starting with `_`) left out."""
+    import textwrap
+
+    import yaml
+
+    defaults = yaml.safe_load((Path(CONF_DIR) / "config.yaml").read_text()).get("defaults", [])
+    groups = [g for entry in defaults if isinstance(entry, dict) for g in entry if " " not in g]
+    lines = []
+    for group in groups:
+        for folder in sorted({p.parent for p in (Path(CONF_DIR) / group).rglob("*.yaml")}):
+            options = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+            if not options:
+                continue
+            nested = folder.relative_to(CONF_DIR).as_posix()
+            prefix = f"{group}={nested[len(group) + 1:]}/" if "/" in nested else f"{group}="
+            lines += textwrap.wrap(" ".join(options), width, initial_indent=f"  {prefix:<22}",
+                                   subsequent_indent=" " * 24, break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def register_resolvers() -> None:
+    """`${lrbench_job_folder:num,overrides}` (hydra.sweep.subdir) and `${lrbench_config_groups:}` (the help page)."""
+    for name, function in (("lrbench_job_folder", job_folder), ("lrbench_config_groups", help_groups)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
+
+
+register_resolvers()
+
+
 # -- the command line's overrides, checked before Hydra runs them ------------------------------------------------
 #: settings whose keys are names, not settings (a Hugging Face config's fields, a PEFT config's, a sequence's
 #: protocols and stand-alone accuracies): anything may be added under them
@@ -163,10 +232,15 @@ class CommandLine:
 
     def __init__(self, overrides: list[str], multirun: bool = False, stage_keys=(), valid=lambda key: None):
         self.overrides, self.multirun = list(overrides), multirun
-        self.stage_keys = stage_settings(stage_keys)
+        self._stage_extra = stage_keys  # (or a function returning them: called only if a stage is set)
         self.valid = valid  # key -> what is valid (validate.py), for the message of `~key`
         self._before: dict[tuple, DictConfig] = {}
         self._options: dict[str, list[str]] = {}
+
+    @functools.cached_property
+    def stage_keys(self) -> set[str]:
+        extra = self._stage_extra() if callable(self._stage_extra) else self._stage_extra
+        return stage_settings(extra)
 
     def check(self) -> None:
         from hydra import initialize_config_dir

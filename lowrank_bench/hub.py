@@ -2,7 +2,8 @@
 
 Every model, tokenizer and dataset this package takes from the Hub comes through here. When the Hub cannot be
 reached (no network, `HF_HUB_OFFLINE=1`), a copy in the local HF cache still loads, without the client's 20-50 s of
-retries; anything else fails within seconds with a message that says how to point at local files.
+retries; anything else fails within seconds with a message that says how to point at local files (for a dataset:
+LRBENCH_DATA_DIR, lrbench-data, the task's data_dir; for a model: model.path or an offline model).
 """
 from __future__ import annotations
 
@@ -63,11 +64,25 @@ def offline():
 
 
 def offline_message(what: str, name: str, override: str) -> str:
-    """One line (a refusal is one line): what is missing, and the setting that points at local files instead."""
+    """One line (a refusal is one line): a Hub model that is missing, the setting that points at local files instead,
+    and the offline models (this one, from the Hub, is none of them)."""
     return (
         f"{what} '{name}' is not in the local Hugging Face cache and the Hub ({host()}) cannot be reached; "
         f"point at local files instead, e.g. `{override}=/path/to/folder`, "
         "or use an offline model such as `model=minilm-l6` or `model=tiny-roberta`"
+    )
+
+
+def dataset_message(name: str, override: str, local_copy: str = "") -> str:
+    """One line: a Hub dataset that is missing, and how to read local files instead (the shared data folder, how to
+    fill it, the setting for one folder); `local_copy` says what such a copy holds. The model is not the problem."""
+    shared = os.environ.get("LRBENCH_DATA_DIR")
+    folder = f"add it to LRBENCH_DATA_DIR={shared}" if shared else "set LRBENCH_DATA_DIR=<folder>"
+    return (
+        f"Dataset '{name}' is not in the local Hugging Face cache and the Hub ({host()}) cannot be reached; read "
+        f"local files instead: {folder} with the layout of docs/data.md (`lrbench-data get <name>` writes it on a "
+        f"machine that reaches the Hub; `lrbench-data list` names them), or `{override}=/path/to/folder`"
+        + (f". {local_copy}" if local_copy else "")
     )
 
 
@@ -98,5 +113,4 @@ def load_dataset(*args, shown: str, override: str = "task.data_dir", local_copy:
         try:
             return datasets.load_dataset(*args, **kwargs)
         except Exception:
-            raise LrbenchError(offline_message("Dataset", shown, override)
-                               + (f". {local_copy}" if local_copy else "")) from None
+            raise LrbenchError(dataset_message(shown, override, local_copy)) from None

@@ -15,12 +15,12 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 from filelock import FileLock
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from lowrank_bench.console import out as stdout_console
 from lowrank_bench.errors import LrbenchError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,9 @@ def versions() -> dict[str, str]:
     return out
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
@@ -186,10 +188,22 @@ def summarize(cfg, task_name: str, metric: str, method, trainer, history, params
 def write_run_files(cfg, run_dir: Path, summary: dict, tables: dict | None = None) -> None:
     """config_resolved.yaml and summary.json (the row, plus `tables`: see `tables_of`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(saved_config(cfg))))
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps({**summary, **(tables or {})}, indent=2))
     os.replace(tmp, run_dir / "summary.json")
+
+
+def saved_config(cfg) -> dict:
+    """The resolved config as config_resolved.yaml keeps it, with `data_dir` after `output_dir`: the data folder the
+    run read ($LRBENCH_DATA_DIR as an absolute path; null: none), so that evaluating the run again does not depend
+    on the shell it is evaluated from (tasks.base.recorded_data_dir)."""
+    from lowrank_bench.tasks.base import data_dir_record
+
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    keys = [k for k in tree if k != "data_dir"]
+    at = keys.index("output_dir") + 1 if "output_dir" in keys else len(keys)
+    return {**{k: tree[k] for k in keys[:at]}, "data_dir": data_dir_record(), **{k: tree[k] for k in keys[at:]}}
 
 
 def preflight(csv_path: Path, run_dir: Path) -> None:
@@ -476,7 +490,8 @@ def make_logger(cfg, run_dir: Path):
 
 
 # -- display ----------------------------------------------------------------------------------------------------
-def print_summary(summary: dict, console: Console | None = None) -> None:
+def print_summary(summary: dict, csv_path: Path | None = None, console: Console | None = None) -> None:
+    """The run's table, then where it wrote: its folder and the CSV its row went to."""
     table = Table(title=f"{summary['method']} · {summary['model']} · {summary['task']} · seed {summary['seed']}")
     table.add_column("field")
     table.add_column("value", justify="right")
@@ -493,5 +508,9 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     for key in [k for k in shown if k in summary]:
         value = summary.get(key)
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    (console or Console()).print(table)
+    console = console or stdout_console
+    console.print(table)
+    console.print(f"run folder: {summary.get('run_dir', '?')}", soft_wrap=True, highlight=False)
+    if csv_path is not None:
+        console.print(f"row appended to: {csv_path}", soft_wrap=True, highlight=False)
 

@@ -1,6 +1,8 @@
 """Sweeps finish: in a `-m` sweep a job that fails (bad input for one combination, a crash) is recorded in
 `<sweep>/failures.jsonl` and the sweep goes on; at its end `SweepReport` (a Hydra callback, conf/config.yaml) lists
-the failed jobs and why, and the command exits 1 if any failed.
+the sweep's folder, the results CSV and the command that compares its rows, then the failed jobs and why, and the
+command exits 1 if any failed. Each job's folder is named by its number and what it varies (`0_method=lora,seed=0`:
+conf/config.yaml's hydra.sweep.subdir, configs.job_folder).
 
 What can be told from the command line alone is refused before any job runs (configs.CommandLine, from train.main):
 a swept value that names no config (`method=lora,nonexistent,dora`) or a setting no config has, in any job of the
@@ -39,7 +41,10 @@ def record_failure(error: BaseException) -> None:
 
 class SweepReport(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
-        path = Path(config.hydra.sweep.dir) / FAILURES
+        """Where the sweep wrote and how to compare its runs; then its failed jobs, if any (exit status 1)."""
+        folder = Path(config.hydra.sweep.dir)
+        print_where(folder, Path(config.results_csv))
+        path = folder / FAILURES
         if not path.is_file():
             return
         failures = [json.loads(line) for line in path.read_text().splitlines() if line]
@@ -47,3 +52,11 @@ class SweepReport(Callback):
         for failure in sorted(failures, key=lambda f: f["job"]):
             console.print(f"  #{failure['job']} {' '.join(failure['overrides'])}: {failure['error']}", soft_wrap=True)
         sys.exit(1)
+
+
+def print_where(folder: Path, csv_path: Path) -> None:
+    """The sweep's folder (a job's folder each, named by what it varies), the CSV its rows went to, and the command
+    that compares them."""
+    console.print(f"sweep folder: {folder}", soft_wrap=True, highlight=False)
+    console.print(f"rows appended to: {csv_path}", soft_wrap=True, highlight=False)
+    console.print(f"compare them: python -m lowrank_bench.tables {csv_path}", soft_wrap=True, highlight=False)

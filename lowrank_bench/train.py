@@ -6,6 +6,9 @@
 assembly.prepare (the curriculum's tasks tokenised, the model with its head, the method applied) -> the
 curriculum's stages -> Trainer.run(stages) -> the curriculum's measures and the post-training evaluations ->
 summary.json in the run directory and one row in results/runs.csv. `mode=eval` is evaluate.py.
+
+What needs torch and transformers is imported where it is used, so that `lrbench --help` and `--cfg` answer
+without loading them (`prepare` and `STAGE_KEYS` are still importable from here: `__getattr__`).
 """
 from __future__ import annotations
 
@@ -16,25 +19,35 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.text import Text
 
-from lowrank_bench import assembly, checkpoint, configs, distributed, evaluate, results, sweep, validate
-from lowrank_bench.assembly import CONF_DIR, prepare
-from lowrank_bench.console import console
-from lowrank_bench.curriculum.sequence import BUDGET_KEYS, OPTIMIZER_KEYS
+from lowrank_bench import configs
+from lowrank_bench.configs import CONF_DIR
+from lowrank_bench.console import console, copied_to_run_log, to_run_log
 from lowrank_bench.errors import BAD_INPUT, LrbenchError
-from lowrank_bench.methods.base import save_adapter
-from lowrank_bench.stages import unique
-from lowrank_bench.trainer import Diverged, Trainer
 
-__all__ = ["CONF_DIR", "main", "prepare", "run"]
+__all__ = ["CONF_DIR", "main", "run"]  # and `prepare`, `STAGE_KEYS`: __getattr__
+
+
+def __getattr__(name: str):
+    """The names other modules import from here that need torch: loaded when first asked for."""
+    if name == "prepare":
+        from lowrank_bench.assembly import prepare
+
+        return prepare
+    if name == "STAGE_KEYS":
+        return stage_keys()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """One run end to end; returns its summary. Raises LrbenchError on bad input before anything is written.
     A run that continues a checkpoint (`trainer.resume`, or its own config's in its own folder: checkpoint.py)
     goes on in that checkpoint's folder. Under data parallel (distributed.py) only rank 0 writes."""
+    from lowrank_bench import assembly, checkpoint, distributed, results, validate
+    from lowrank_bench.trainer import Diverged, Trainer
+
     validate.check(cfg)
     started = time.perf_counter()
     origin = results.provenance()
@@ -52,6 +65,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     trainer = Trainer(cfg.trainer, s.model, s.method, run_dir, cfg.seed, activate_head=shape.activate_head,
                       store=checkpoint_store(cfg, run_dir))
     shape.attach(trainer, run_dir, s.tokenizer)
+    trainer.stage_end_hooks.append(lambda index, stage, record: log_stage(trainer, stages, index, stage))
     if dp.is_main:
         open_run_folder(run_dir, launched_in, resume)
     trainer.log = logger = results.make_logger(cfg, run_dir) if dp.is_main else None
@@ -82,9 +96,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
+def log_stage(trainer, stages: list, index: int, stage) -> None:
+    """A stage's end, in train.log (the terminal has its progress bar)."""
+    steps = trainer.history.steps_per_stage.get(stage.name, 0)
+    to_run_log(f"stage {index + 1}/{len(stages)} {trainer.method.name} · {stage.name}: done, {steps} steps")
+
+
 def finish(cfg, s, shape, trainer, stages, history, diverged, run_dir: Path, logger, dp, wall_s: float,
            origin) -> dict:
     """What follows training: the post-training evaluations, the run's files and adapter, its summary."""
+    from lowrank_bench import results
+
     scores = measures(shape, history, diverged)
     if not diverged:
         scores.update(s.before)
@@ -104,7 +126,10 @@ def finish(cfg, s, shape, trainer, stages, history, diverged, run_dir: Path, log
     return summary
 
 
-def checkpoint_store(cfg: DictConfig, run_dir: Path) -> checkpoint.Store | None:
+def checkpoint_store(cfg: DictConfig, run_dir: Path):
+    """The run's checkpoint.Store, or None with `trainer.checkpoint_every=null`."""
+    from lowrank_bench import checkpoint
+
     if cfg.trainer.get("checkpoint_every") is None:
         return None
     return checkpoint.Store(run_dir, checkpoint.identity(cfg), cfg.trainer.get("keep_checkpoint", False))
@@ -112,13 +137,15 @@ def checkpoint_store(cfg: DictConfig, run_dir: Path) -> checkpoint.Store | None:
 
 def open_run_folder(run_dir: Path, launched_in: Path, resume) -> None:
     """The run folder, marked running; a resumed run leaves a note in the folder it was launched in."""
+    from lowrank_bench import results
+
     run_dir.mkdir(parents=True, exist_ok=True)
     results.write_status(run_dir, "running")
     if resume and launched_in != run_dir and launched_in.is_dir():
         (launched_in / "resumed.json").write_text(json.dumps({"continued": str(run_dir), "from": str(resume.path)}))
 
 
-def measures(shape, history, diverged: Diverged | None) -> dict:
+def measures(shape, history, diverged) -> dict:
     """The row's measures: the curriculum's, or, for a diverged run, how far it got."""
     if not diverged:
         return {"status": "finished", **shape.measures(history)}
@@ -128,6 +155,9 @@ def measures(shape, history, diverged: Diverged | None) -> dict:
 
 def save_trained(model, shape, stages: list, run_dir: Path) -> None:
     """adapter.safetensors: what every stage trained (earlier tasks' heads too), not the last stage's only."""
+    from lowrank_bench.methods.base import save_adapter
+    from lowrank_bench.stages import unique
+
     for param in unique(p for stage in stages for p in stage.params):
         param.requires_grad_(True)
     shape.before_save()
@@ -136,6 +166,8 @@ def save_trained(model, shape, stages: list, run_dir: Path) -> None:
 
 def append_row_once(csv_path: Path, summary: dict, run_dir: Path, resume) -> None:
     """(a run killed after its row, then resumed: still one row)"""
+    from lowrank_bench import results
+
     if not (resume and any(r.get("run_dir") == str(run_dir) for r in results.read_rows(csv_path))):
         results.append_row(csv_path, summary)
 
@@ -170,10 +202,20 @@ def command_line_groups() -> set[str]:
 
 def job(cfg: DictConfig) -> float | None:
     """One Hydra job. Kept undecorated under its own name so that launchers which pickle it (joblib, submitit)
-    pickle a reference, not the function's globals. Under torchrun (or several submitit tasks) every process runs
-    it: rank 0's run folder is everyone's, and rank 0 alone prints and writes. A signal stops it after a
-    checkpoint and is then handed to whoever listened before (submitit requeues the job)."""
+    pickle a reference, not the function's globals. What it prints also goes to the run folder's train.log
+    (Hydra's job log), as plain text."""
+    with copied_to_run_log():
+        return run_job(cfg)
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """Under torchrun (or several submitit tasks) every process runs it: rank 0's run folder is everyone's, and
+    rank 0 alone prints and writes. A signal stops it after a checkpoint and is then handed to whoever listened
+    before (submitit requeues the job)."""
     import signal
+
+    from lowrank_bench import checkpoint, distributed, evaluate, results, sweep
+    from lowrank_bench.tasks.base import recorded_data_dir
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -181,7 +223,8 @@ def job(cfg: DictConfig) -> float | None:
             raise LrbenchError(f"mode={cfg.mode}: choose one of {', '.join(evaluate.MODES)}")
         dp = distributed.init(cfg.trainer.device)
         if cfg.mode == "eval":
-            summary = evaluate.evaluate_run(cfg, run_dir, command_line_groups())
+            with recorded_data_dir(evaluated_data_dir(cfg)):
+                summary = evaluate.evaluate_run(cfg, run_dir, command_line_groups())
         else:
             summary = run(cfg, distributed.main_folder(run_dir))
     except LrbenchError as err:
@@ -209,16 +252,40 @@ def job(cfg: DictConfig) -> float | None:
     finally:
         distributed.shutdown()
     if dp.is_main:
-        results.print_summary(summary)
+        results.print_summary(summary, Path(cfg.results_csv))
     return summary.get(f"best_{summary['metric']}", summary.get(summary["metric"]))
+
+
+def evaluated_data_dir(cfg: DictConfig) -> str | None:
+    """`mode=eval`: the data folder the scored run read (`data_dir` in its config_resolved.yaml), or None. A
+    `run_dir` or `adapter` that holds no readable run config is left to evaluate.py, which names what is wrong."""
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    named = cfg.get("adapter") or cfg.get("run_dir")
+    if not named:
+        return None
+    folder = Path(str(named)).expanduser()
+    saved = (folder.parent if cfg.get("adapter") else folder) / "config_resolved.yaml"
+    try:
+        recorded = OmegaConf.load(saved)
+    except (OSError, UnicodeDecodeError, YAMLError, OmegaConfBaseException, ValueError):
+        return None  # missing, a folder, not YAML: evaluate.py's refusal says which
+    value = recorded.get("data_dir") if isinstance(recorded, DictConfig) else None
+    return str(value) if value else None
 
 
 def print_refusal(err: LrbenchError) -> None:
     console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
 
 
-#: what a sequence's stage may set besides its task's settings (curriculum/sequence.py)
-STAGE_KEYS = ("task", "train_rows", "pooling", *BUDGET_KEYS, *OPTIMIZER_KEYS)
+def stage_keys() -> tuple[str, ...]:
+    """What a sequence's stage may set besides its task's settings (curriculum/sequence.py)."""
+    from lowrank_bench.curriculum.sequence import BUDGET_KEYS, OPTIMIZER_KEYS
+
+    return ("task", "train_rows", "pooling", *BUDGET_KEYS, *OPTIMIZER_KEYS)
+
+
 #: Hydra's flags that show something rather than compose a run (or that change where configs come from): left to it
 HYDRA_ONLY = ("help", "hydra_help", "shell_completion", "info", "config_path", "config_name", "config_dir",
               "experimental_rerun")
@@ -249,17 +316,32 @@ def command_line(argv: list[str]):
 def main():
     """`lrbench`: the overrides are checked first (configs.check_command_line: malformed syntax, an unknown option,
     setting or stage, in a `-m` sweep every value): bad input is one line, exit status 2, before Hydra makes a
-    folder or a job runs. Then Hydra composes and runs the job(s)."""
+    folder or a job runs. Then Hydra composes and runs the job(s); a sweep's job folders are named by what differs
+    between them (`name_sweep_folders`)."""
     args = command_line(sys.argv[1:])
     if args is not None:
+        from lowrank_bench import results, validate
+
         multirun = args.multirun or "hydra.mode=MULTIRUN" in args.overrides
         try:
-            configs.check_command_line(args.overrides, multirun, STAGE_KEYS, validate.valid_text)
+            configs.check_command_line(args.overrides, multirun, stage_keys, validate.valid_text)
             results.check_output_root(args.overrides)  # Hydra makes its folder there next: a file is its traceback
         except LrbenchError as err:
             print_refusal(err)
             sys.exit(BAD_INPUT)
+        if multirun:
+            sys.argv = name_sweep_folders(sys.argv, args.overrides)
     return hydra_main()
+
+
+def name_sweep_folders(argv: list[str], overrides: list[str]) -> list[str]:
+    """`argv` with the override that leaves out of the job folders' names what every job has alike
+    (configs.sweep_folder_override), placed after the other overrides (argparse reads them as one run of words)."""
+    line = configs.sweep_folder_override(overrides)
+    if line is None:
+        return argv
+    end = len(argv) - argv[::-1].index(overrides[-1]) if overrides else len(argv)
+    return [*argv[:end], line, *argv[end:]]
 
 
 if __name__ == "__main__":  # `python -m lowrank_bench.train`: run the importable copy, so that jobs pickle by name

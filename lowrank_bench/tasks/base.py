@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import random
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -29,16 +29,48 @@ def cache_dir() -> Path:
     return models_cache_dir()
 
 
+#: the data folder a saved run recorded, while it is evaluated again (`recorded_data_dir`)
+_recorded: list[str] = []
+
+
 def data_dir() -> Path | None:
-    """$LRBENCH_DATA_DIR, which must exist when set (a typo must not fall back to the Hub in silence)."""
+    """$LRBENCH_DATA_DIR, which must exist when set (a typo must not fall back to the Hub in silence); unset, the
+    folder a saved run recorded while it is evaluated again (`recorded_data_dir`)."""
     value = os.environ.get("LRBENCH_DATA_DIR")
     if not value:
-        return None
+        return recorded_folder()
     folder = Path(value).expanduser()
     if not folder.is_dir():
         raise LrbenchError(f"LRBENCH_DATA_DIR={value}: no such folder (unset it to use the Hub, or point it at the "
                            f"shared data folder)")
     return folder
+
+
+def recorded_folder() -> Path | None:
+    """The folder `recorded_data_dir` holds, if it is still there (gone, the run is read as if none was recorded: a
+    task that needs no data still runs, one that does says how to point at its files)."""
+    folder = Path(_recorded[-1]) if _recorded else None
+    return folder if folder and folder.is_dir() else None
+
+
+def data_dir_record() -> str | None:
+    """What a run's config_resolved.yaml records as `data_dir`: the data folder it reads, absolute, or None."""
+    folder = data_dir()
+    return str(folder.resolve()) if folder else None
+
+
+@contextmanager
+def recorded_data_dir(value: str | None):
+    """While a saved run is evaluated again: with LRBENCH_DATA_DIR unset, its data comes from `value` (the folder its
+    config_resolved.yaml records as `data_dir`; None: no folder, as it ran). A set LRBENCH_DATA_DIR wins."""
+    if not value:
+        yield
+        return
+    _recorded.append(str(value))
+    try:
+        yield
+    finally:
+        _recorded.pop()
 
 
 def read_text(path: Path) -> str:
