@@ -250,9 +250,12 @@ def rebuild(run_cfg: DictConfig, adapter: Path) -> Setup:
     from omegaconf.errors import OmegaConfBaseException
 
     models.check_safetensors(adapter, "adapter")  # before anything slow
+    from lowrank_bench.tasks.base import recorded_data_dir
+
     run_cfg.eval = None
     try:
-        setup = prepare(run_cfg)
+        with recorded_data_dir(run_cfg.get("data_dir")):  # the data the run read (LRBENCH_DATA_DIR, if set, wins)
+            setup = prepare(run_cfg)
     except OmegaConfBaseException as err:  # a key the run's config lacks deeper down (a hand-edited file)
         raise LrbenchError(f"the config of the run of {adapter} is not a whole resolved config: "
                            f"{first_line(err)}") from None

@@ -12,7 +12,7 @@ import torch
 from rich.table import Table
 from rich.text import Text
 
-from lowrank_bench import assembly, curriculum, models, results
+from lowrank_bench import assembly, curriculum, models, progress, results
 from lowrank_bench.console import console
 from lowrank_bench.devices import autocast_for, pick_device
 from lowrank_bench.errors import LrbenchError
@@ -68,6 +68,7 @@ def run_standalone(cfg, run_dir: Path) -> dict:
     if not cfg.get("eval"):
         raise LrbenchError("no benchmark: add eval=mc/<benchmark> (conf/eval/mc/: bbh, fineval, gsm8k, mmlu, "
                            "mmlu_law, mmlu_medicine)")
+    progress.configure(cfg.trainer)
     eval_cfg = cfg.eval
     run_cfg, adapter = saved_run(cfg)
     trained = run_cfg if run_cfg is not None else cfg
@@ -109,6 +110,8 @@ def main() -> None:
     except LrbenchError as err:
         console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
         sys.exit(2)
+    if "--help" in sys.argv:  # lrbench's page is lrbench's (the config is shared): Hydra's plain one here
+        sys.argv.append("hydra/help=default")
     hydra.main(version_base="1.3", config_path=assembly.CONF_DIR, config_name="config")(job)()
 
 

@@ -45,10 +45,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """One run end to end; returns its summary. Raises LrbenchError on bad input before anything is written.
     A run that continues a checkpoint (`trainer.resume`, or its own config's in its own folder: checkpoint.py)
     goes on in that checkpoint's folder. Under data parallel (distributed.py) only rank 0 writes."""
-    from lowrank_bench import assembly, checkpoint, distributed, results, validate
+    from lowrank_bench import assembly, checkpoint, distributed, progress, results, validate
     from lowrank_bench.trainer import Diverged, Trainer
 
     validate.check(cfg)
+    progress.configure(cfg.trainer)  # trainer.progress=false: no bar anywhere (evaluations, downloads)
     started = time.perf_counter()
     origin = results.provenance()
     dp = distributed.current()

@@ -79,7 +79,7 @@ def test_submitit_local_sweep_lands_three_rows_and_a_signalled_job_is_requeued_a
         signalled = None
         deadline = time.time() + 600
         while signalled is None and time.time() < deadline and sweep.poll() is None:
-            for latest in tmp_path.glob("multirun/*/1/checkpoints/latest"):
+            for latest in tmp_path.glob("multirun/*/1_*/checkpoints/latest"):
                 entry = json.loads(latest.read_text())
                 pid = process_writing(latest.parent.parent / "train.log")
                 if pid and int(entry["checkpoint"].split("-")[1]) < 30:
@@ -97,6 +97,7 @@ def test_submitit_local_sweep_lands_three_rows_and_a_signalled_job_is_requeued_a
     (sweep_dir,) = list(tmp_path.glob("multirun/*"))
     logs = "".join(p.read_text() for p in (sweep_dir / ".submitit").rglob("*_log.*"))
     assert "Requeued job" in logs and "SIGUSR1" in logs  # submitit checkpointed and requeued it ...
-    job0, job1 = (sweep_dir / "0" / "metrics.jsonl").read_text(), (sweep_dir / "1" / "metrics.jsonl").read_text()
+    jobs = [next(sweep_dir.glob(f"{i}_*")) for i in range(3)]  # job folders: <number>_<what it varies>
+    job0, job1 = ((job / "metrics.jsonl").read_text() for job in jobs[:2])
     assert job1 == job0  # ... and it continued where it stopped, bit for bit, in its own folder
-    assert {r["run_dir"] for r in rows} == {str(sweep_dir / str(i)) for i in range(3)}
+    assert {r["run_dir"] for r in rows} == {str(job) for job in jobs}

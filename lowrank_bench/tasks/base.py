@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from lowrank_bench import metrics
+from lowrank_bench import metrics, progress
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.models import Head
 from lowrank_bench.models import cache_dir as models_cache_dir
@@ -305,7 +305,7 @@ class ClassificationTask(Task):
         was_training = model.training
         model.eval()
         preds, labels = [], []
-        for batch in self.loader(split, batch_size):
+        for batch in progress.track(self.loader(split, batch_size), f"evaluating {self.name}"):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast():
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()

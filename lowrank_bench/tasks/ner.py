@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from rich.text import Text
 
-from lowrank_bench import hub
+from lowrank_bench import hub, progress
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError, choices
 from lowrank_bench.models import Head
@@ -405,7 +405,7 @@ class NerTask(Task):
         was_training = model.training
         model.eval()
         examples, gold, pred = self.splits[split], [], []
-        for first in range(0, len(examples), batch_size):
+        for first in progress.track(range(0, len(examples), batch_size), f"evaluating {self.name}"):
             chunk = examples[first:first + batch_size]
             batch = {k: v.to(device) for k, v in self.collate(chunk).items() if k != "labels"}
             with autocast():
