@@ -150,7 +150,7 @@ def test_mnli_concatenated_accuracy_pools_the_examples_not_the_two_accuracies(tm
 
 
 @pytest.mark.parametrize("subset,preds,labels,expected", [
-    ("cola", [1, 0, 1, 1], [1, 0, 0, 1], {"matthews_correlation": 0.5773502691896258}),
+    ("cola", [1, 0, 1, 1], [1, 0, 0, 1], {"matthews_correlation": 0.5773502691896258, "accuracy": 0.75}),
     ("mrpc", [1, 0, 1, 1], [1, 0, 0, 1], {"accuracy": 0.75, "f1": 0.8}),
     ("stsb", [0.1, 0.4, 0.35, 0.8], [0.0, 1.0, 2.0, 3.0], {"pearson": 0.9133691346759315, "spearmanr": 0.8}),
     ("rte", [1, 0, 1, 1], [1, 0, 0, 1], {"accuracy": 0.75}),
