@@ -175,6 +175,28 @@ def test_every_method_runs_as_every_stage_of_a_sequence(tmp_path, corpus):
         assert float(row["ppl_before"]) > 1 and float(row["ppl_after"]) > 1, row["method"]
     bilevel = [r for r in rows if r["method"] in ("bidora", "bilora")]
     assert bilevel and all(r["hypergradient"] == "darts" for r in bilevel)
+    comparison_figure_of_two_real_runs(rows, tmp_path)
+
+
+def comparison_figure_of_two_real_runs(rows: list[dict], tmp_path: Path) -> None:
+    """lrbench-continual-plot on two of those tiny runs (LoRA and CURLoRA): the PNG, one line per method in each
+    task's panel, the perplexity panel, one accuracy matrix per method."""
+    from lowrank_bench import continual_plot
+    from lowrank_bench.results import append_row
+
+    two = tmp_path / "two.csv"
+    for row in rows:
+        if row["method"] in ("lora", "curlora"):
+            append_row(two, row)
+    out = tmp_path / "compare.png"
+    assert continual_plot.main([str(two), "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    fig = continual_plot.comparison_figure(continual_plot.load_groups(two))
+    panels = {ax.get_gid(): ax for ax in fig.axes if ax.get_gid()}
+    assert {"task:first", "task:second", "perplexity", "matrix:lora", "matrix:curlora"} <= set(panels)
+    for gid in ("task:first", "task:second", "perplexity"):
+        means = sorted(line.get_gid() for line in panels[gid].get_lines() if (line.get_gid() or "").startswith("mean:"))
+        assert means == ["mean:curlora", "mean:lora"], gid
 
 
 # -- bad input ----------------------------------------------------------------------------------------------------
