@@ -330,6 +330,20 @@ def try_lock(csv_path: Path, setting: str) -> None:
             lock.unlink(missing_ok=True)
 
 
+def release_log_files(folder: Path) -> None:
+    """Hydra's job log handler (train.log) in a folder about to be deleted: closed and detached from the root logger
+    first, so that later logging in this process (the next in-process run, a sweep's next job) does not reopen a
+    file in a folder that is gone."""
+    import logging
+
+    folder = Path(folder).resolve()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(folder):
+            root.removeHandler(handler)
+            handler.close()
+
+
 def discard_untouched(run_dir: Path, output_root: Path) -> None:
     """A command refused before it wrote anything leaves no folder: Hydra made it (its .hydra/ and the job's log),
     and the folders above it up to `output_root` when they hold nothing else."""
@@ -338,6 +352,7 @@ def discard_untouched(run_dir: Path, output_root: Path) -> None:
     run_dir = Path(run_dir)
     if not (run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())):
         return
+    release_log_files(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     root, folder = Path(output_root).resolve(), run_dir.resolve().parent
     while folder.is_relative_to(root):

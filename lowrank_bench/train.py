@@ -180,20 +180,10 @@ def stage_steps(history) -> dict:
 
 
 def discard_if_untouched(run_dir: Path, output_root: Path) -> None:
-    """A run refused before it wrote anything leaves no folder: Hydra made it (its .hydra/ and the job's log), and
-    the folders above it up to `output_dir` when they hold nothing else."""
-    import shutil
+    """A run refused before it wrote anything leaves no folder (results.discard_untouched)."""
+    from lowrank_bench import results
 
-    if not (run_dir.is_dir() and all(p.name in (".hydra", "train.log") for p in run_dir.iterdir())):
-        return
-    shutil.rmtree(run_dir, ignore_errors=True)
-    root, folder = output_root.resolve(), run_dir.resolve().parent
-    while folder.is_relative_to(root):
-        try:
-            folder.rmdir()  # only an empty folder goes
-        except OSError:
-            break
-        folder = folder.parent
+    results.discard_untouched(run_dir, output_root)
 
 
 def command_line_groups() -> set[str]:
