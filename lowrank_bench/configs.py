@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lowrank_bench.errors import LrbenchError
+from lowrank_bench.errors import LrbenchError, closest, did_you_mean
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 TASK_CONF = Path(CONF_DIR) / "task"
@@ -185,18 +185,6 @@ def group_options(loader, group: str) -> list[str]:
     for sub in loader.list_groups(group):
         options += [f"{sub}/{option}" for option in group_options(loader, f"{group}/{sub}")]
     return sorted(options)
-
-
-def closest(word: str, candidates) -> str | None:
-    import difflib
-
-    match = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
-    return match[0] if match else None
-
-
-def did_you_mean(word: str, candidates) -> str:
-    match = closest(word, candidates)
-    return f" (did you mean {match}?)" if match else ""
 
 
 def one_line(text: str) -> str:

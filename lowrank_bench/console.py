@@ -54,3 +54,10 @@ def copied_to_run_log():
 
 console = RunConsole(stderr=True)
 out = RunConsole()
+
+
+def print_refusal(message) -> None:
+    """A refusal of bad input, as every lrbench command prints it: `lrbench error: <message>`, one line, on stderr."""
+    from rich.text import Text
+
+    console.print(Text.assemble(("lrbench error: ", "bold red"), str(message)), soft_wrap=True)

@@ -16,6 +16,19 @@ def choices(valid) -> str:
     return ", ".join(sorted(map(str, valid)))
 
 
+def closest(word: str, candidates) -> str | None:
+    """The candidate most like `word` (difflib, ratio >= 0.6), for a "did you mean" in a refusal; None if none."""
+    import difflib
+
+    match = difflib.get_close_matches(word, sorted(set(map(str, candidates))), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def did_you_mean(word: str, candidates) -> str:
+    match = closest(word, candidates)
+    return f" (did you mean {match}?)" if match else ""
+
+
 def input_text(path, what: str) -> str:
     """The text of a file the user named (`what`: "results CSV", "hypotheses file", ...): a missing path, a folder,
     an unreadable file or bytes that are not UTF-8 are one line naming it, never a traceback. A BOM is dropped."""

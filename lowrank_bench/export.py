@@ -451,15 +451,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    from rich.text import Text
-
-    from lowrank_bench.console import console
+    from lowrank_bench.console import console, print_refusal
 
     args = parse_args(argv)
     try:
         out = export(args.run_dir, args.fmt, args.out, args.overwrite)
     except LrbenchError as err:
-        console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
+        print_refusal(err)
         sys.exit(2)
     console.print(f"exported {args.run_dir} as {args.fmt} to {out}")
 

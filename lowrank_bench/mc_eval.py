@@ -10,10 +10,9 @@ from pathlib import Path
 
 import torch
 from rich.table import Table
-from rich.text import Text
 
 from lowrank_bench import assembly, curriculum, models, progress, results
-from lowrank_bench.console import console
+from lowrank_bench.console import console, print_refusal
 from lowrank_bench.devices import autocast_for, pick_device
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.evaluations.multiple_choice import MultipleChoiceEval
@@ -96,7 +95,7 @@ def job(cfg) -> float | None:
     try:
         summary = run_standalone(cfg, run_dir)
     except LrbenchError as err:
-        console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
+        print_refusal(err)
         results.discard_untouched(run_dir, Path(cfg.output_dir))  # the folder Hydra made for this refusal
         sys.exit(2)
     return summary["mc_accuracy"]
@@ -108,7 +107,7 @@ def main() -> None:
     try:  # Hydra makes its run folder before the job runs: a file or a read-only place there is refused first
         results.check_output_root([a for a in sys.argv[1:] if not a.startswith("-")])
     except LrbenchError as err:
-        console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
+        print_refusal(err)
         sys.exit(2)
     if "--help" in sys.argv:  # lrbench's page is lrbench's (the config is shared): Hydra's plain one here
         sys.argv.append("hydra/help=default")

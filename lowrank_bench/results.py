@@ -518,8 +518,8 @@ def print_summary(summary: dict, csv_path: Path | None = None, console: Console 
         keys = list(summary)
         shown += [k for k in keys[keys.index("metric") + 1:keys.index("evaluated_run")] if k != "degenerate"]
         shown += ["evaluated_run"]
-    shown += ["backward_transfer", "average_forgetting", "forward_transfer", "ppl_before", "ppl_after", "degenerate", "train_steps",
-              "time_per_step_ms", "samples_per_s", "wall_time_s", "peak_mem_mb", "device", "git_commit"]
+    shown += ["backward_transfer", "average_forgetting", "forward_transfer", "ppl_before", "ppl_after", "degenerate",
+              "train_steps", "time_per_step_ms", "samples_per_s", "wall_time_s", "peak_mem_mb", "device", "git_commit"]
     for key in [k for k in shown if k in summary]:
         value = summary.get(key)
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))

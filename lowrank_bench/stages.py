@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from lowrank_bench.bilevel import BiLevel, split_data
 from lowrank_bench.errors import LrbenchError
@@ -118,16 +117,6 @@ def steps_for(n_examples: int, batch_size: int, grad_accum: int, epochs: float, 
     return steps
 
 
-def trainer_group(method_cfg) -> DictConfig | None:
-    """The composed config's `trainer` group, reached from the method's node (None for a detached method
-    config)."""
-    try:
-        found = OmegaConf.select(method_cfg, "..trainer", default=None)
-    except OmegaConfBaseException:
-        return None
-    return found if isinstance(found, DictConfig) else None
-
-
 def check_budgets(stages: list[Stage], trainer: DictConfig | None) -> None:
     """Refuse an impossible budget now, before the run folder is made (a no-op without the trainer's settings:
     the trainer checks again before the first step)."""
@@ -163,10 +152,10 @@ def stages_for(task: Task, method, groups: dict[str, Params], method_cfg: DictCo
                epochs: float, max_steps: int | None, seed: int, name: str = "train", head: str | None = None,
                trainer: DictConfig | None = None) -> list[Stage]:
     """One task's stages: a single-level stage, or the bi-level search and, when enabled, the retraining. Their
-    budgets are checked against the trainer's batch size and accumulation (`trainer`, by default the `trainer`
-    group of the config `method_cfg` belongs to)."""
+    budgets are checked against the trainer's batch size and accumulation (`trainer`: the config's trainer group;
+    without it the trainer checks before its first step)."""
     stages = plan_stages(task, method, groups, method_cfg, optimizer, epochs, max_steps, seed, name, head)
-    check_budgets(stages, trainer if trainer is not None else trainer_group(method_cfg))
+    check_budgets(stages, trainer)
     return stages
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import difflib
 import io
 import math
 import statistics
@@ -37,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lowrank_bench import metric_kinds
-from lowrank_bench.errors import LrbenchError, input_text, report
+from lowrank_bench.errors import LrbenchError, closest, input_text, report
 
 
 def fmt(values: list[float], scale: float = 100.0) -> str:
@@ -238,8 +237,8 @@ def load_rows(path: Path, what: str, required: tuple[str, ...]) -> tuple[list[st
 def check_column(name: str, header: list[str], option: str, path: Path) -> None:
     if name in header:
         return
-    close = difflib.get_close_matches(name, header, n=1)
-    hint = f"did you mean {close[0]}? " if close else ""
+    close = closest(name, header)
+    hint = f"did you mean {close}? " if close else ""
     raise LrbenchError(f"{option} {name}: {path} has no column {name!r}; {hint}valid: {', '.join(header)}")
 
 

@@ -20,11 +20,10 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from rich.text import Text
 
 from lowrank_bench import configs
 from lowrank_bench.configs import CONF_DIR
-from lowrank_bench.console import console, copied_to_run_log, to_run_log
+from lowrank_bench.console import console, copied_to_run_log, print_refusal, to_run_log
 from lowrank_bench.errors import BAD_INPUT, LrbenchError
 
 __all__ = ["CONF_DIR", "main", "run"]  # and `prepare`, `STAGE_KEYS`: __getattr__
@@ -179,13 +178,6 @@ def stage_steps(history) -> dict:
     return {f"{name.replace('/', '_')}_steps": n for name, n in steps.items()} if len(steps) > 1 else {}
 
 
-def discard_if_untouched(run_dir: Path, output_root: Path) -> None:
-    """A run refused before it wrote anything leaves no folder (results.discard_untouched)."""
-    from lowrank_bench import results
-
-    results.discard_untouched(run_dir, output_root)
-
-
 def command_line_groups() -> set[str]:
     """The top-level keys this command's overrides touch (`task=...`, `task.max_length=...`: task)."""
     return {o.split("=")[0].lstrip("+~").split(".")[0] for o in HydraConfig.get().overrides.task}
@@ -220,7 +212,7 @@ def run_job(cfg: DictConfig) -> float | None:
             summary = run(cfg, distributed.main_folder(run_dir))
     except LrbenchError as err:
         print_refusal(err)
-        discard_if_untouched(run_dir, Path(cfg.output_dir))
+        results.discard_untouched(run_dir, Path(cfg.output_dir))  # the folder Hydra made for this refusal
         if sweep.in_sweep():  # the other jobs go on; the sweep's end lists this one and exits 1
             sweep.record_failure(err)
             return None
@@ -264,10 +256,6 @@ def evaluated_data_dir(cfg: DictConfig) -> str | None:
         return None  # missing, a folder, not YAML: evaluate.py's refusal says which
     value = recorded.get("data_dir") if isinstance(recorded, DictConfig) else None
     return str(value) if value else None
-
-
-def print_refusal(err: LrbenchError) -> None:
-    console.print(Text.assemble(("lrbench error: ", "bold red"), str(err)), soft_wrap=True)
 
 
 def stage_keys() -> tuple[str, ...]:

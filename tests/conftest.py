@@ -23,6 +23,16 @@ needs_data = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: a second thread only adds synchronisation (and stalls on a shared machine). Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def isolated_env(tmp_path_factory):
     """Results, outputs, caches and the HF home of the test session live in a temporary folder."""

@@ -5,12 +5,10 @@ where results, runs and caches go (item 10), lrbench-mc's and lrbench-export's i
 (item 12), and a subject that names a path (item 14).
 
 `lrbench-mc` and `lrbench-export` join the table's tools here (for this file's tests only: `monkeypatch.setitem`
-on the shared TOOLS). A case may set environment variables (`env`, `{tmp}` standing for its folder) and be marked
-as waiting for a change in a file this file's owner does not own (`waits`: an xfail naming the change)."""
+on the shared TOOLS). A case may set environment variables (`env`, `{tmp}` standing for its folder)."""
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,27 +20,16 @@ from safetensors.torch import save
 
 from lowrank_bench import export, mc_eval, reproduce
 from lowrank_bench.checkpoint import fingerprint, identity
-from test_bad_input_table import NOT_UTF8, PAPERS, TOOLS, Case, Tool, check
+from test_bad_input_table import NOT_UTF8, PAPERS, TOOLS, Case, Tool, check, in_process
 from conftest import compose_cfg
 
 
-def lrbench_mc(argv: list[str]) -> int | None:
-    """`lrbench-mc ARGV` in this process (a Hydra app, like lrbench)."""
-    saved = sys.argv
-    sys.argv = ["lrbench-mc", *argv]
-    try:
-        return mc_eval.main()
-    finally:
-        sys.argv = saved
-
-
-MORE_TOOLS = {"mc": Tool("lowrank_bench.mc_eval", lrbench_mc), "export": Tool("lowrank_bench.export", export.main)}
+MORE_TOOLS = {"mc": Tool("lowrank_bench.mc_eval", in_process("lrbench-mc", mc_eval.main)), "export": Tool("lowrank_bench.export", export.main)}
 
 
 @dataclass(frozen=True)
 class FileCase(Case):
     env: dict = field(default_factory=dict)  # environment variables for the case ({tmp}: its folder)
-    waits: str = ""                          # the change (in a file not owned here) this case needs: an xfail
 
 
 # -- fixtures: small files, each case spoils one ---------------------------------------------------------------
@@ -336,8 +323,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(reason=c.waits, strict=False))
-                                  if c.waits else c for c in CASES], ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_in_files_is_one_line_naming_it_with_its_exit_status_and_nothing_left(case, tmp_path, monkeypatch,
                                                                                          capsys):
     for name, tool in MORE_TOOLS.items():

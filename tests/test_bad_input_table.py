@@ -32,14 +32,21 @@ class Tool:
     main: Callable[[list[str]], int | None] | None = None
 
 
-def lrbench(argv: list[str]) -> int | None:
-    """`lrbench ARGV` in this process (Hydra's entry reads sys.argv): a second or so, where a subprocess takes ~13 s."""
-    saved = sys.argv
-    sys.argv = ["lrbench", *argv]
-    try:
-        return train.main()
-    finally:
-        sys.argv = saved
+def in_process(prog: str, entry: Callable[[], int | None]) -> Callable[[list[str]], int | None]:
+    """A Hydra app's entry (it reads sys.argv) as `main(argv)` in this process: a second or so, where a subprocess
+    takes ~13 s."""
+    def main(argv: list[str]) -> int | None:
+        saved = sys.argv
+        sys.argv = [prog, *argv]
+        try:
+            return entry()
+        finally:
+            sys.argv = saved
+
+    return main
+
+
+lrbench = in_process("lrbench", train.main)
 
 
 TOOLS = {

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import Progress
@@ -30,12 +29,7 @@ def shown(monkeypatch):
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_bar_counts_what_it_is_told_and_is_gone_at_the_end(shown):

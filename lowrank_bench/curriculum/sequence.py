@@ -178,7 +178,8 @@ class Sequence:
             budget = {"epochs": cfg.trainer.epochs, "max_steps": cfg.trainer.max_steps, **plan.budget}
             self.stages += stages_for(plan.task, method, {**groups, "head": self.task_heads[plan.name]}, cfg.method,
                                       overridden(cfg.optimizer, **plan.optimizer), budget["epochs"],
-                                      budget["max_steps"], cfg.seed, name=plan.name, head=plan.name)
+                                      budget["max_steps"], cfg.seed, name=plan.name, head=plan.name,
+                                      trainer=cfg.trainer)
         return self.stages
 
     # -- the run ------------------------------------------------------------------------------------------------

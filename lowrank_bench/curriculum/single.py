@@ -33,7 +33,7 @@ class SingleTask:
 
     def plan(self, cfg, method, groups):
         return stages_for(self.task, method, groups, cfg.method, cfg.optimizer, cfg.trainer.epochs,
-                          cfg.trainer.max_steps, cfg.seed)
+                          cfg.trainer.max_steps, cfg.seed, trainer=cfg.trainer)
 
     def attach(self, trainer, run_dir: Path, tokenizer) -> None:
         self.task.use_run_folder(run_dir)
