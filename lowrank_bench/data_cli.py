@@ -165,7 +165,7 @@ def glue_dataset(subset: str) -> Dataset:
                    note="the Hub's test splits have no labels: not written")
 
 
-# -- CoNLL-format NER (conf/task/ner/*.yaml `hub` blocks) -> <folder>/{train,valid,test}.txt ------------------------
+# -- CoNLL-format NER (lowrank_bench/conf/task/ner/*.yaml `hub` blocks) -> <folder>/{train,valid,test}.txt ------------------------
 def tag_names(column: str, values: list, names: Names, where: str) -> list[str]:
     if values and isinstance(values[0], str):
         return list(values)
@@ -201,7 +201,7 @@ def ner_dataset(name: str, hub: str, revision: str | None, tokens: str, columns:
 
 
 BIONLP_TAGS = ["O", "B-DNA", "I-DNA", "B-protein", "I-protein", "B-cell_type", "I-cell_type", "B-cell_line",
-               "I-cell_line", "B-RNA", "I-RNA"]  # tner/bionlp2004's ids, as conf/task/ner/bionlp2004.yaml lists them
+               "I-cell_line", "B-RNA", "I-RNA"]  # tner/bionlp2004's ids, as lowrank_bench/conf/task/ner/bionlp2004.yaml lists them
 
 
 # -- E2E (tuetschek/e2e_nlg) -> e2e/{trainset,devset,testset_w_refs}.csv --------------------------------------------
@@ -252,7 +252,7 @@ def sentiment140_render(rows: dict[str, Rows], names: Names) -> dict[str, str]:
     return {f"sentiment/sentiment140/{s}.csv": sentiment140_csv(rows[s]) for s in ("train", "test")}
 
 
-# -- SFT sources (conf/task/sft/*.yaml) -> sft/<file>.jsonl ----------------------------------------------------------
+# -- SFT sources (lowrank_bench/conf/task/sft/*.yaml) -> sft/<file>.jsonl ----------------------------------------------------------
 def sft_dataset(name: str, hub: str, config: str | None, file: str, max_rows: int | None = None,
                 note: str = "") -> Dataset:
     """The Hub's rows as they are, one JSON object a line: the SFT reader maps the columns to its roles itself."""

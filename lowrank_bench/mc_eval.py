@@ -65,7 +65,7 @@ def run_standalone(cfg, run_dir: Path) -> dict:
     mc_<benchmark>.json and mc_summary.json into `run_dir`. The items are read, and the prompts rendered, before
     the model loads: a bad item or template is refused in seconds."""
     if not cfg.get("eval"):
-        raise LrbenchError("no benchmark: add eval=mc/<benchmark> (conf/eval/mc/: bbh, fineval, gsm8k, mmlu, "
+        raise LrbenchError("no benchmark: add eval=mc/<benchmark> (lowrank_bench/conf/eval/mc/: bbh, fineval, gsm8k, mmlu, "
                            "mmlu_law, mmlu_medicine)")
     progress.configure(cfg.trainer)
     eval_cfg = cfg.eval

@@ -1,6 +1,6 @@
 """Load a tokenizer and a model from the Hub, a local folder, an installed package, or a config (random weights).
 
-Every model config (conf/model/*.yaml) names a `source`:
+Every model config (lowrank_bench/conf/model/*.yaml) names a `source`:
 - `hub`: `id` is a Hugging Face Hub name. A local `path` wins when set. If the model is not already in the local HF
   cache and the Hub cannot be reached, we fail within seconds (never the client's 20-50 s of retries) and say how
   to point at local files.
@@ -86,7 +86,7 @@ def head_kind(head: Head) -> HeadKind:
 
 
 def models_of_kind(kind: str) -> list[str]:
-    """The model configs (conf/model/<name>.yaml) of one kind: encoder or decoder."""
+    """The model configs (lowrank_bench/conf/model/<name>.yaml) of one kind: encoder or decoder."""
     from lowrank_bench.configs import CONF_DIR
 
     found = []
@@ -227,7 +227,7 @@ def is_decoder(cfg: DictConfig) -> bool:
     kind = cfg.get("kind")
     if kind not in KINDS:
         raise LrbenchError(f"model.kind={kind!r} is not one of: {choices(KINDS)}; "
-                           f"set it in conf/model/{cfg.get('name')}.yaml")
+                           f"set it in lowrank_bench/conf/model/{cfg.get('name')}.yaml")
     return kind == "decoder"
 
 

@@ -1,5 +1,5 @@
 """Trainable parameters of each method on the papers' models, exactly, without weights: the model is built from its
-published architecture (`architecture:` in conf/model/<name>.yaml) on the meta device, the method applied as a run
+published architecture (`architecture:` in lowrank_bench/conf/model/<name>.yaml) on the meta device, the method applied as a run
 applies it, and its tensors counted; beside them the counts the papers print (results/paper_params.csv).
 
     python -m lowrank_bench.param_table [--paper results/paper_params.csv]
@@ -29,7 +29,7 @@ from lowrank_bench import methods, models
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.models import Head
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 PAPER_PARAMS = Path(__file__).resolve().parent.parent / "results" / "paper_params.csv"
 
 
@@ -48,7 +48,7 @@ def meta_model(model_cfg: DictConfig, head: Head) -> torch.nn.Module:
     from transformers import AutoConfig
 
     if not model_cfg.get("architecture"):
-        raise LrbenchError(f"model={model_cfg.name} has no `architecture:` in conf/model/{model_cfg.name}.yaml, so "
+        raise LrbenchError(f"model={model_cfg.name} has no `architecture:` in lowrank_bench/conf/model/{model_cfg.name}.yaml, so "
                            f"its parameters cannot be counted without its weights")
     params = OmegaConf.to_container(model_cfg.architecture, resolve=True)
     config = AutoConfig.for_model(params.pop("model_type"), **params, **models.head_kwargs(head))

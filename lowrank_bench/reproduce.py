@@ -6,7 +6,7 @@ then render ours next to the published numbers, cell by cell.
     python -m lowrank_bench.reproduce --table lora_glue --seeds 0,1 --collect-only
     make reproduce-tables [SCALE=smoke] [COLLECT_ONLY=1]
 
-What runs is data (conf/reproduce/tables.yaml, whose header explains it): per table its runs (Hydra overrides,
+What runs is data (lowrank_bench/conf/reproduce/tables.yaml, whose header explains it): per table its runs (Hydra overrides,
 mostly a preset `experiment=<paper>/<setting>`), its columns (task and metric), its seeds and its smoke subset. The
 published numbers are results/paper_numbers.csv. Each run is `python -m lowrank_bench.train -m ...` (pending runs
 grouped into as few sweeps as their overrides allow) with LRBENCH_RESULTS_CSV at the scale's `runs.csv`. A run
@@ -44,9 +44,9 @@ from lowrank_bench.errors import LrbenchError, input_text, report
 from lowrank_bench.results import PROJECT_ROOT, check_folder, config_hash, read_rows
 from lowrank_bench.tables import metric_value, unit_scale
 
-REGISTRY = PROJECT_ROOT / "conf" / "reproduce" / "tables.yaml"
+REGISTRY = Path(__file__).resolve().parent / "conf" / "reproduce" / "tables.yaml"
 PAPERS = PROJECT_ROOT / "results" / "paper_numbers.csv"
-CONF = PROJECT_ROOT / "conf"
+CONF = Path(__file__).resolve().parent / "conf"
 MISSING = "missing"
 NOT_TRANSCRIBED = "not transcribed"   # a table none of whose published numbers is in paper_numbers.csv (yet)
 
@@ -97,13 +97,13 @@ def load_registry(path: Path = REGISTRY) -> dict:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         problem = getattr(err, "problem", None) or type(err).__name__
-        raise LrbenchError(f"registry {path}{where}: not valid YAML ({problem}); see conf/reproduce/tables.yaml") \
+        raise LrbenchError(f"registry {path}{where}: not valid YAML ({problem}); see lowrank_bench/conf/reproduce/tables.yaml") \
             from None
     mapping = registry if isinstance(registry, dict) else {}
     lacking = [k for k in ("scales", "tables") if not isinstance(mapping.get(k), dict)]
     if lacking:
         raise LrbenchError(f"registry {path}: no {' and no '.join(lacking)} mapping; a registry has `scales:` and "
-                           "`tables:` (see conf/reproduce/tables.yaml)")
+                           "`tables:` (see lowrank_bench/conf/reproduce/tables.yaml)")
     return registry
 
 
@@ -191,7 +191,7 @@ def add_published_cells(table: Table, papers: dict[tuple, dict]) -> Table:
                 unit = units.get(column) or next((p["unit"] for p in published if (p["row"], p["column"]) == (
                     (run, column) if by_runs else (column, run))), None) or "percent"
                 table.cells.append(Cell(run, column, None, unit, None, "published only: no run or column of "
-                                        "conf/reproduce/tables.yaml makes this cell (add one there to run it)"))
+                                        "lowrank_bench/conf/reproduce/tables.yaml makes this cell (add one there to run it)"))
                 units.setdefault(column, unit)
     order = {(run, column): (i, j) for i, run in enumerate(table.runs) for j, column in enumerate(table.columns)}
     table.cells.sort(key=lambda c: order[(c.run, c.column)])
@@ -199,17 +199,17 @@ def add_published_cells(table: Table, papers: dict[tuple, dict]) -> Table:
 
 
 def check_table(name: str, spec, scale: str) -> None:
-    """A table of the registry has the shape plan_table reads (see conf/reproduce/tables.yaml): a mapping with a
+    """A table of the registry has the shape plan_table reads (see lowrank_bench/conf/reproduce/tables.yaml): a mapping with a
     title, `runs` (name -> Hydra overrides), `columns` (name -> metric, or mean_of), `seeds` (integers >= 0) and
     `sources` (paper, table); else one line naming the table and the entry, never a KeyError deep in the plan."""
     where = f"registry table {name}"
     if not isinstance(spec, dict):
         raise LrbenchError(f"{where} is a {type(spec).__name__}, not a mapping with title, runs, columns, seeds "
-                           "(see conf/reproduce/tables.yaml)")
+                           "(see lowrank_bench/conf/reproduce/tables.yaml)")
     lacking = [key for key in ("title", "runs", "columns", "seeds") if key not in spec]
     if lacking:
         raise LrbenchError(f"{where} lacks {', '.join(lacking)} (a table has title, runs, columns, seeds; see "
-                           "conf/reproduce/tables.yaml)")
+                           "lowrank_bench/conf/reproduce/tables.yaml)")
     for key in ("runs", "columns"):
         if not isinstance(spec[key], dict) or not spec[key]:
             raise LrbenchError(f"{where}: {key} must be a mapping of {key[:-1]} name -> settings, not {spec[key]!r}")

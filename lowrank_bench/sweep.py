@@ -1,8 +1,8 @@
 """Sweeps finish: in a `-m` sweep a job that fails (bad input for one combination, a crash) is recorded in
-`<sweep>/failures.jsonl` and the sweep goes on; at its end `SweepReport` (a Hydra callback, conf/config.yaml) lists
+`<sweep>/failures.jsonl` and the sweep goes on; at its end `SweepReport` (a Hydra callback, lowrank_bench/conf/config.yaml) lists
 the sweep's folder, the results CSV and the command that compares its rows, then the failed jobs and why, and the
 command exits 1 if any failed. Each job's folder is named by its number and what it varies (`0_method=lora,seed=0`:
-conf/config.yaml's hydra.sweep.subdir, configs.job_folder).
+lowrank_bench/conf/config.yaml's hydra.sweep.subdir, configs.job_folder).
 
 What can be told from the command line alone is refused before any job runs (configs.CommandLine, from train.main):
 a swept value that names no config (`method=lora,nonexistent,dora`) or a setting no config has, in any job of the

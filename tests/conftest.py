@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from lowrank_bench.models import Head, load_model, load_tokenizer, quiet_transformers
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = ROOT / "lowrank_bench" / "conf"
 DATA = Path(os.environ["LRBENCH_DATA_DIR"]) if os.environ.get("LRBENCH_DATA_DIR") else None
 
 needs_data = pytest.mark.skipif(

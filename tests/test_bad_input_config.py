@@ -225,8 +225,8 @@ def test_every_command_of_the_readme_and_docs_passes():
 
 @pytest.mark.slow
 def test_every_command_in_the_configs_comments_passes():
-    """The presets' own comments (conf/experiment/..., conf/task/...): 80 commands, ~30 s on 2 cores."""
-    commands = documented_commands(*sorted((ROOT / "conf").rglob("*.yaml")))
+    """The presets' own comments (lowrank_bench/conf/experiment/..., lowrank_bench/conf/task/...): 80 commands, ~30 s on 2 cores."""
+    commands = documented_commands(*sorted((ROOT / "lowrank_bench" / "conf").rglob("*.yaml")))
     assert len(commands) >= 50, len(commands)
     assert refused_commands(commands) == []
 

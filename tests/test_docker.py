@@ -68,7 +68,7 @@ def test_every_file_the_dockerfile_copies_is_in_the_build_context():
             str(p.relative_to(ROOT)) for p in (ROOT / source).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
         kept = [f for f in files if not ignored(f)]
         assert kept, f"{source}: everything in it is ignored"
-    for needed in ("pyproject.toml", "constraints.txt", "README.md", "lowrank_bench/results.py", "conf/config.yaml",
+    for needed in ("pyproject.toml", "constraints.txt", "README.md", "lowrank_bench/results.py", "lowrank_bench/conf/config.yaml",
                    "results/paper_numbers.csv"):
         assert not ignored(needed), needed
 

@@ -56,7 +56,7 @@ def test_every_model_yaml_says_whether_it_is_an_encoder_or_a_decoder(path):
 
 def test_a_model_without_kind_names_the_setting_and_the_file():
     with pytest.raises(LrbenchError, match=r"model.kind=None is not one of: decoder, encoder; set it in "
-                                           r"conf/model/mine.yaml"):
+                                           r"lowrank_bench/conf/model/mine.yaml"):
         is_decoder(OmegaConf.create({"name": "mine", "source": "config"}))
 
 

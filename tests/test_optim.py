@@ -13,7 +13,7 @@ from tests.conftest import compose_cfg
 
 
 def optimizer_cfg(**overrides):
-    cfg = OmegaConf.load("conf/optimizer/adamw.yaml")
+    cfg = OmegaConf.load("lowrank_bench/conf/optimizer/adamw.yaml")
     cfg.lr = 1e-2
     cfg.weight_decay = 0.0
     cfg.warmup_ratio = 0.0

@@ -36,7 +36,7 @@ def test_preset_composes_and_passes_the_settings_check(name):
     except LrbenchError as err:
         pytest.fail(f"experiment={name}: {err}")
     for group, option in groups_overridden(name).items():
-        assert (CONF / group / f"{option}.yaml").is_file(), f"{name}: no conf/{group}/{option}.yaml"
+        assert (CONF / group / f"{option}.yaml").is_file(), f"{name}: no lowrank_bench/conf/{group}/{option}.yaml"
         if group in ("method", "model", "task"):  # options named as they are selected (optimizer, eval: not)
             assert cfg[group].name == option, f"{name}: {group} is {cfg[group].name}, the preset says {option}"
 

@@ -3,7 +3,7 @@ with a head of its own; after each task every task seen so far is evaluated agai
 language model's perplexity is measured before the first task and after each one.
 
 A sequence YAML names its stages in order (`sequence`) and defines each (`stages.<name>`): the task config it
-reuses (`task: glue/mrpc`, any file under conf/task/, composed by Hydra as `task=glue/mrpc` would be) plus
+reuses (`task: glue/mrpc`, any file under lowrank_bench/conf/task/, composed by Hydra as `task=glue/mrpc` would be) plus
 per-stage overrides. Overrides of the task itself (`max_train_samples`, `max_eval_samples`, `max_length`,
 `data_dir`, `source`, ...) go into that task's config; `epochs` and `max_steps` go to the stage's budget; `lr`,
 `schedule`, `warmup_steps`, `warmup_ratio`, `weight_decay` and `schedule_steps` to its optimiser. Every stage's

@@ -1,6 +1,6 @@
 """0-shot multiple-choice evaluation of causal LMs: CoLA's protocol (LLaMA-Factory's letter scoring) and lm-eval.
 
-`eval=mc/<benchmark>` (conf/eval/mc/): `mmlu` (all 57 subjects), `mmlu_law` and `mmlu_medicine` (the subject groups
+`eval=mc/<benchmark>` (lowrank_bench/conf/eval/mc/): `mmlu` (all 57 subjects), `mmlu_law` and `mmlu_medicine` (the subject groups
 of the digest, §4.2), `gsm8k` (GSM8K test rewritten as 4-option multiple choice, CoLA's CSV), `fineval` (English),
 `bbh` (BIG-Bench Hard in multiple-choice form). After training (a post-training evaluation, evaluations/__init__.py;
 also before it with `eval.before`) or alone on a base model or a run's adapter (mc_eval.py: `python -m

@@ -15,7 +15,7 @@ REGISTRY = {
     "lotr": "lowrank_bench.methods.lotr:LoTR",
     "cola": "lowrank_bench.methods.cola:CoLA",
     "curlora": "lowrank_bench.methods.curlora:CURLoRA",
-    "peft/*": "lowrank_bench.methods.peft_baseline:PeftBaseline",  # any PEFT tuner: conf/method/peft/<name>.yaml
+    "peft/*": "lowrank_bench.methods.peft_baseline:PeftBaseline",  # any PEFT tuner: lowrank_bench/conf/method/peft/<name>.yaml
 }
 
 

@@ -1,6 +1,6 @@
 """The adapter interface every method implements, and injection of adapted layers by module name.
 
-A method (`Method`) is built from its config (conf/method/<name>.yaml). `apply(model, heads)`
+A method (`Method`) is built from its config (lowrank_bench/conf/method/<name>.yaml). `apply(model, heads)`
 1. freezes the backbone, 2. replaces each targeted `nn.Linear` / GPT-2 `Conv1D` with the method's `AdaptedLayer`,
 3. unfreezes the task head, and returns the trainable parameters grouped by *role*
 (`adapter`, `magnitude`, `singular_values`, `head`, `backbone`, ...). A bi-level method declares which roles

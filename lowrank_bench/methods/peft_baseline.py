@@ -1,6 +1,6 @@
 """Any PEFT tuner as a baseline: `method=peft/<name>` with a YAML whose `config` block becomes the PEFT config.
 
-    # conf/method/peft/vera.yaml
+    # lowrank_bench/conf/method/peft/vera.yaml
     name: peft/vera
     peft_type: VERA
     config: {r: 256, vera_dropout: 0.0}

@@ -77,7 +77,7 @@ Pair = dict  # {"mr": str, "ref": str}
 
 @dataclass(frozen=True)
 class Decoding:
-    """`task.generation`: beam search settings, checked once (their values: conf/task/e2e.yaml)."""
+    """`task.generation`: beam search settings, checked once (their values: lowrank_bench/conf/task/e2e.yaml)."""
 
     num_beams: int
     length_penalty: float
@@ -111,7 +111,7 @@ class Decoding:
                                f"{choices(cls.__dataclass_fields__)}")
         missing = sorted(set(cls.__dataclass_fields__) - set(values))
         if missing:
-            raise LrbenchError(f"task.generation lacks {missing}; conf/task/e2e.yaml gives every setting")
+            raise LrbenchError(f"task.generation lacks {missing}; lowrank_bench/conf/task/e2e.yaml gives every setting")
         return cls(**values)
 
     def generate_kwargs(self, end_id: int, pad_id: int) -> dict:

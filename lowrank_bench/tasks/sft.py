@@ -2,7 +2,7 @@
 
 `task=sft/<domain>`: generality (databricks-dolly-15k), law (us_terms + Lawyer-Instruct), medicine (iCliniq +
 GenMedGPT-5k), math (GSM8K train), finance (FinEval train in English), multitask (OpenOrca). Each domain lists its
-datasets (`task.sources`); CoLA's recipe on top is `conf/experiment/cola/<model>_<domain>.yaml`.
+datasets (`task.sources`); CoLA's recipe on top is `lowrank_bench/conf/experiment/cola/<model>_<domain>.yaml`.
 
 Where a dataset comes from, first match wins:
 1. `task.files`: explicit JSON / JSONL / CSV files, which then *are* the sources (one dataset per file);

@@ -246,7 +246,7 @@ def test_every_sft_domain_composes_with_its_sources():
 
 def test_cola_experiments_compose_with_the_papers_recipe():
     if "eval" not in str(OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml").defaults)):
-        pytest.skip("conf/config.yaml has no `- eval: null` default yet, which conf/experiment/cola/* override")
+        pytest.skip("lowrank_bench/conf/config.yaml has no `- eval: null` default yet, which lowrank_bench/conf/experiment/cola/* override")
     experiments = sorted((CONF / "experiment" / "cola").glob("*.yaml"))
     assert len(experiments) == 12
     for path in experiments:

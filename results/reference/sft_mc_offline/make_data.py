@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 SYSTEM = ("The following are multiple choice questions (with answers) about {subject}. Please provide only the "
-          "correct option (one uppercase letter).\n\n")  # conf/eval/mc/_base.yaml's, CoLA's evaluation prompt
+          "correct option (one uppercase letter).\n\n")  # lowrank_bench/conf/eval/mc/_base.yaml's, CoLA's evaluation prompt
 FRUITS = "apple banana cherry grape lemon mango orange peach pear plum kiwi melon lime apricot fig papaya".split()
 OTHERS = ("hammer chair river cloud pencil bicycle tiger window candle ladder violin bridge shoe lamp rabbit "
           "mountain bottle carpet engine camera wallet pillow eagle anchor").split()
