@@ -53,6 +53,7 @@ from lowrank_bench.console import console
 from lowrank_bench.devices import autocast_for, pick_device
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.memory import MemoryMonitor
+from lowrank_bench.progress import display as progress_display
 from lowrank_bench.results import defined_or_none
 from lowrank_bench.stages import Stage, unique
 from lowrank_bench.tasks.base import Task
@@ -544,9 +545,9 @@ class Trainer:
             torch.cuda.synchronize()
 
     def progress(self) -> Progress:
-        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                        console=console, disable=not self.tc.progress or not self.dp.is_main)
+        return progress_display(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                disable=not self.tc.progress or not self.dp.is_main)
 
     @staticmethod
     def format_eval(record: dict) -> str:

@@ -41,6 +41,33 @@ def test_a_bar_counts_what_it_is_told_and_is_gone_at_the_end(shown):
     assert list(progress.track([1, 2, 3], "counting")) == [1, 2, 3] and "3/3" in shown.getvalue()
 
 
+@pytest.fixture
+def logged(monkeypatch):
+    """What the bars write where the console is not a terminal (a log file, a pipe)."""
+    out = io.StringIO()
+    monkeypatch.setattr(progress, "console", Console(file=out, force_terminal=False, width=200))
+    monkeypatch.setattr(progress, "enabled", True)
+    return out
+
+
+def test_off_a_terminal_a_bar_is_one_line_at_its_end(logged):
+    with progress.bar("evaluating sst2", 40) as advance:
+        for _ in range(40):
+            advance()
+    lines = logged.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evaluating sst2: 40/40 (100%) 00:00:0"), lines
+
+
+def test_off_a_terminal_a_slow_loop_reports_each_tenth(logged, monkeypatch):
+    monkeypatch.setattr(progress.LineProgress, "every_s", 0.0)  # as if each step took longer than every_s
+    with progress.bar("generating e2e", 40) as advance:
+        for _ in range(40):
+            advance()
+    lines = logged.getvalue().splitlines()
+    assert [line.split()[2] for line in lines] == [f"{4 * k}/40" for k in range(1, 11)]
+    assert lines[4].split()[3] == "(50%)"
+
+
 def test_e2e_generation_shows_the_mrs_generated(shown, tmp_path):
     task = prepared(tmp_path, eval_mrs=3)
     task.generate_texts(tiny()[0], [g["prompt_ids"] for g in task.splits["validation"]], batch_size=2)
