@@ -103,13 +103,15 @@ def matches(name: str, targets: list[str]) -> bool:
     return False
 
 
-def inject(model: nn.Module, targets: list[str], make_layer) -> dict[str, AdaptedLayer]:
-    """Replace every adaptable module whose name matches `targets` by `make_layer(name, module)`."""
-    chosen = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, ADAPTABLE) and matches(name, targets) and not isinstance(module, AdaptedLayer)
-    ]
+def inject(model: nn.Module, targets: list[str], make_layer, heads: list[str] = ()) -> dict[str, AdaptedLayer]:
+    """Replace every adaptable module whose name matches `targets` by `make_layer(name, module)`. Modules of the
+    task head are left alone: the head trains whole (as peft never adapts a module of its `modules_to_save`)."""
+    matched = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, ADAPTABLE) and matches(name, targets) and not isinstance(module, AdaptedLayer)]
+    chosen = [(name, module) for name, module in matched if not is_head(name, heads)]
+    if matched and not chosen:
+        raise LrbenchError(f"targets {list(targets)} match only layers of the task head ({matched[0][0]}), which "
+                           "trains whole; target layers of the backbone")
     if not chosen:
         candidates = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, ADAPTABLE)})
         raise LrbenchError(f"no layer matches targets {list(targets)}; adaptable layers are named: {', '.join(candidates)}")
@@ -170,7 +172,7 @@ class Method:
     def apply(self, model: nn.Module, heads: list[str], target_sets: dict[str, list[str]]) -> dict[str, list[nn.Parameter]]:
         """Freeze, inject, unfreeze the head; return trainable parameters grouped by role."""
         model.requires_grad_(False)
-        self.layers = inject(model, self.resolve_targets(target_sets), self.make_layer)
+        self.layers = inject(model, self.resolve_targets(target_sets), self.make_layer, heads)
         return self.unfreeze_groups(model, heads)
 
     def unfreeze_groups(self, model: nn.Module, heads: list[str]) -> dict[str, list[nn.Parameter]]:

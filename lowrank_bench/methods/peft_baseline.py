@@ -13,12 +13,14 @@ optimiser step, as PEFT's docs prescribe.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
 from lowrank_bench.errors import LrbenchError, choices
-from lowrank_bench.methods.base import Method, is_head
+from lowrank_bench.methods.base import ADAPTABLE, Method, is_head
 
 
 def peft_config(peft_type: str, options: dict):
@@ -31,6 +33,30 @@ def peft_config(peft_type: str, options: dict):
         return config_cls(**options)
     except (TypeError, ValueError) as err:
         raise LrbenchError(f"invalid options for PEFT {peft_type}: {err}") from err
+
+
+def targeted(config, name: str, module: nn.Module) -> bool:
+    """Whether peft would adapt this module under `config`."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        return isinstance(module, ADAPTABLE)
+    return bool(check_target_module_exists(config, name))
+
+
+def excluding_heads(config, model: nn.Module, heads: list[str]):
+    """`config` with the head's modules in its `exclude_modules`: the runner trains the head whole, and peft never
+    adapts a module it saves whole (`modules_to_save`), so an exported adapter keeps the two apart as well."""
+    if not hasattr(config, "exclude_modules"):  # prompt learning: no module is adapted
+        return config
+    inside = [name for name, module in model.named_modules() if is_head(name, heads) and targeted(config, name, module)]
+    if not inside:  # (peft warns about an exclusion that excludes nothing)
+        return config
+    if isinstance(config.exclude_modules, str):  # peft reads a string as one regex
+        config.exclude_modules = "|".join([f"(?:{config.exclude_modules})", *map(re.escape, inside)])
+    else:
+        config.exclude_modules = sorted(set(config.exclude_modules or ()) | set(inside))
+    return config
 
 
 class PeftBaseline(Method):
@@ -52,7 +78,7 @@ class PeftBaseline(Method):
         if self.peft_type == "ADALORA":
             options.setdefault("total_step", 1)  # replaced by the trainer's real step count in on_train_start
         try:
-            self.peft_model = get_peft_model(model, peft_config(self.peft_type, options))
+            self.peft_model = get_peft_model(model, excluding_heads(peft_config(self.peft_type, options), model, heads))
         except (TypeError, ValueError) as err:  # e.g. a tuner that cannot adapt GPT-2's Conv1D
             raise LrbenchError(f"PEFT {self.peft_type} cannot adapt {options['target_modules']} of this model: "
                                f"{err}") from err
