@@ -406,21 +406,23 @@ class E2ETask(Task):
         groups = self.splits[split]
         hypotheses = self.generate_texts(model, [g["prompt_ids"] for g in groups],
                                          self.decoding.batch_size or batch_size, device, autocast)
-        self.warn_if_empty(hypotheses)
+        empty = self.warn_if_empty(hypotheses)
         references = [g["references"] for g in groups]
         wanted = [m for m in e2e_metrics.METRICS if m not in self.failed]
         scores = e2e_metrics.score(references, hypotheses, wanted)
         self.remember_failures(scores)
         skipped = {e2e_metrics.error_key(m): f"skipped: failed at an earlier evaluation of this run ({why})"
                    for m, why in self.failed.items() if m not in wanted}
-        return {**scores, **skipped, **self.save(split, groups, hypotheses)}
+        return {**scores, **skipped, "degenerate": empty, **self.save(split, groups, hypotheses)}
 
-    def warn_if_empty(self, hypotheses: list[str]) -> None:
+    def warn_if_empty(self, hypotheses: list[str]) -> bool:
+        """Whether more than half the generated texts are empty (the row's `degenerate`), with a warning then."""
         empty = sum(not h.strip() for h in hypotheses)
         if empty * 2 > len(hypotheses):
             console.print(f"[bold yellow]warning:[/] {self.name}: {empty} of {len(hypotheses)} generated texts are "
                           "empty, so every metric is near 0: the model ends its answer at once (train it longer; "
                           f"prompts: {'the chat template' if self.chat else 'MR + separator'})", soft_wrap=True)
+        return empty * 2 > len(hypotheses)
 
     def remember_failures(self, scores: dict) -> None:
         for metric in e2e_metrics.METRICS:

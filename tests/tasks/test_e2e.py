@@ -145,15 +145,15 @@ def test_a_tokenizer_without_chat_template_or_a_given_separator_keeps_mr_separat
         "input_ids"]
 
 
-def test_mostly_empty_generations_are_one_warning(tmp_path, monkeypatch, capsys):
+def test_mostly_empty_generations_are_one_warning_and_flag_the_row(tmp_path, monkeypatch, capsys):
     task = prepared(tmp_path, eval_mrs=3)
     monkeypatch.setattr(task, "generate_texts", lambda *a, **k: ["", "A pub.", ""])
     scores = task.evaluate(tiny()[0], "validation", batch_size=2)
     warning = [line for line in capsys.readouterr().err.splitlines() if "empty" in line]
     assert len(warning) == 1 and "2 of 3 generated texts are empty" in warning[0]
-    assert scores["BLEU"] < 0.5
+    assert scores["BLEU"] < 0.5 and scores["degenerate"] is True  # the row's flag
     monkeypatch.setattr(task, "generate_texts", lambda *a, **k: ["", "A pub.", "A bar."])
-    task.evaluate(tiny()[0], "validation", batch_size=2)
+    assert task.evaluate(tiny()[0], "validation", batch_size=2)["degenerate"] is False
     assert "empty" not in capsys.readouterr().err
 
 
