@@ -71,17 +71,21 @@ def sweep_folder_override(overrides: list[str]) -> str | None:
     return f"{EXCLUDE_KEYS}=[{','.join(json.dumps(k) for k in keys)}]"
 
 
-def help_groups(width: int = 116) -> str:
-    """The config groups a run composes (lowrank_bench/conf/config.yaml's defaults, in that order), one line per folder, written as
-    an override writes them (`task=glue/  cola mnli ...`); shared bases (names starting with `_`) left out."""
-    import textwrap
-
+def run_groups() -> list[str]:
+    """The config groups a run composes: lowrank_bench/conf/config.yaml's defaults, in that order."""
     import yaml
 
     defaults = yaml.safe_load((Path(CONF_DIR) / "config.yaml").read_text()).get("defaults", [])
-    groups = [g for entry in defaults if isinstance(entry, dict) for g in entry if " " not in g]
+    return [g for entry in defaults if isinstance(entry, dict) for g in entry if " " not in g]
+
+
+def help_groups(width: int = 116) -> str:
+    """The config groups a run composes, one line per folder, written as an override writes them
+    (`task=glue/  cola mnli ...`); shared bases (names starting with `_`) left out."""
+    import textwrap
+
     lines = []
-    for group in groups:
+    for group in run_groups():
         for folder in sorted({p.parent for p in (Path(CONF_DIR) / group).rglob("*.yaml")}):
             options = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
             if not options:
@@ -91,6 +95,19 @@ def help_groups(width: int = 116) -> str:
             lines += textwrap.wrap(" ".join(options), width, initial_indent=f"  {prefix:<22}",
                                    subsequent_indent=" " * 24, break_on_hyphens=False)
     return "\n".join(lines)
+
+
+def completions(word: str) -> list[str] | None:
+    """Tab completion of `group=partial` for every option of a config group, nested ones included
+    (`task=glue/s` -> task=glue/sst2 task=glue/stsb); None where the word is not a group's (Hydra completes it)."""
+    key, equals, partial = word.partition("=")
+    group = key.lstrip("+~")
+    if not equals or group not in run_groups():
+        return None
+    folder = Path(CONF_DIR) / group
+    options = sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml")
+                     if not any(part.startswith("_") for part in p.relative_to(folder).parts))
+    return [f"{key}={option}" for option in options if option.startswith(partial)]
 
 
 def register_resolvers() -> None:

@@ -13,6 +13,7 @@ without loading them (`prepare` and `STAGE_KEYS` are still importable from here:
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -292,11 +293,27 @@ def command_line(argv: list[str]):
     return None if any(getattr(args, flag, None) for flag in HYDRA_ONLY) else args
 
 
+def complete_nested_groups(argv: list[str]) -> bool:
+    """Answers the shell's tab-completion query (`lrbench -sc query=bash`, installed by `lrbench -sc install=bash`)
+    where the word is a config group's, nested options included, which Hydra's own completion leaves out."""
+    if argv[:1] != ["-sc"] or len(argv) != 2 or argv[1] not in ("query=bash", "query=zsh"):
+        return False
+    line = os.environ.get("COMP_LINE", "")
+    word = "" if line.endswith(" ") else (line.split() or [""])[-1]
+    options = configs.completions(word)
+    if options is None:
+        return False
+    print(" ".join(options))
+    return True
+
+
 def main():
     """`lrbench`: the overrides are checked first (configs.check_command_line: malformed syntax, an unknown option,
     setting or stage, in a `-m` sweep every value): bad input is one line, exit status 2, before Hydra makes a
     folder or a job runs. Then Hydra composes and runs the job(s); a sweep's job folders are named by what differs
     between them (`name_sweep_folders`)."""
+    if complete_nested_groups(sys.argv[1:]):
+        return None
     args = command_line(sys.argv[1:])
     if args is not None:
         from lowrank_bench import results, validate

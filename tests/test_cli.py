@@ -193,3 +193,26 @@ def test_parallel_joblib_sweep_appends_every_row(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = read_rows(csv_path)
     assert sorted((r["method"], r["seed"]) for r in rows) == [("dora", "0"), ("dora", "1"), ("lora", "0"), ("lora", "1")]
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("lrbench task=glue/s", ["task=glue/sst2", "task=glue/stsb"]),
+    ("lrbench method=lora task=ner/", ["task=ner/bionlp2004", "task=ner/conll2003"]),
+    ("lrbench method=peft/v", ["method=peft/vera"]),
+    ("lrbench +experiment=continual/smollm2", ["+experiment=continual/smollm2_curlora",
+                                               "+experiment=continual/smollm2_lora"]),
+])
+def test_tab_completion_offers_nested_group_options(monkeypatch, capsys, line, expected):
+    from lowrank_bench import train
+
+    monkeypatch.setenv("COMP_LINE", line)
+    monkeypatch.setattr(sys, "argv", ["lrbench", "-sc", "query=bash"])
+    train.main()
+    assert capsys.readouterr().out.split() == expected
+
+
+def test_tab_completion_of_a_setting_is_left_to_hydra():
+    from lowrank_bench import configs
+
+    assert configs.completions("trainer.ep") is None and configs.completions("seed=") is None
+    assert "task=sft/_base" not in configs.completions("task=sft/")  # shared bases are not options
