@@ -30,7 +30,7 @@ from lowrank_bench.errors import LrbenchError
 from lowrank_bench.models import Head
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-PAPER_PARAMS = Path(__file__).resolve().parent.parent / "results" / "paper_params.csv"
+PAPER_PARAMS = Path(__file__).resolve().parent / "reference" / "paper_params.csv"  # results/ links to it
 
 
 def compose(model: str, method: str, overrides: list[str]) -> DictConfig:

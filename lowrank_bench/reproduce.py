@@ -45,7 +45,7 @@ from lowrank_bench.results import PROJECT_ROOT, check_folder, config_hash, read_
 from lowrank_bench.tables import metric_value, unit_scale
 
 REGISTRY = Path(__file__).resolve().parent / "conf" / "reproduce" / "tables.yaml"
-PAPERS = PROJECT_ROOT / "results" / "paper_numbers.csv"
+PAPERS = Path(__file__).resolve().parent / "reference" / "paper_numbers.csv"  # results/ links to it
 CONF = Path(__file__).resolve().parent / "conf"
 MISSING = "missing"
 NOT_TRANSCRIBED = "not transcribed"   # a table none of whose published numbers is in paper_numbers.csv (yet)
@@ -390,17 +390,24 @@ def sweep_command(block: dict[str, list]) -> list[str]:
             *(f"{name(key)}={','.join(hydra_value(v) for v in values)}" for key, values in block.items())]
 
 
+def work_root() -> Path:
+    """Where the scale's tables and the sweeps' run folders go: the repository when running from a checkout (its
+    results/tables/ are committed), else the current folder, as lrbench writes results/ and outputs/ there."""
+    return PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()
+
+
 def run_sweeps(blocks: list[dict[str, list]], csv_path: Path, output_dir: Path) -> list[str]:
     """Each sweep in a subprocess, one after the other; returns the failed ones (the others go on), whose output
     is kept in <output_dir>/logs/."""
-    env = {**os.environ, "LRBENCH_RESULTS_CSV": str(csv_path), "LRBENCH_OUTPUT_DIR": str(output_dir)}
+    env = {**os.environ, "LRBENCH_RESULTS_CSV": str(Path(csv_path).resolve()),
+           "LRBENCH_OUTPUT_DIR": str(Path(output_dir).resolve())}  # absolute: the sweeps run in work_root()
     failed = []
     for i, block in enumerate(blocks, 1):
         command = sweep_command(block)
         shown = "lrbench -m " + " ".join(command[4:])
         print(f"[{i}/{len(blocks)}] {math.prod(len(v) for v in block.values())} run(s): {shown}", flush=True)
         started = time.perf_counter()
-        done = subprocess.run(command, check=False, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+        done = subprocess.run(command, check=False, cwd=work_root(), env=env, capture_output=True, text=True)
         print(f"    exit {done.returncode} after {time.perf_counter() - started:.1f} s", flush=True)
         if done.returncode != 0:
             log = output_dir / "logs" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{i}.log"
@@ -920,7 +927,7 @@ def reproduce(args) -> int:
               for t in plan(registry, args.scale, args.table, seeds, parse_overrides(args.override))]
     if not args.output and "output" not in registry["scales"][args.scale]:
         raise LrbenchError(f"registry scale {args.scale} names no output folder; add `output:` there or give --output")
-    output = Path(args.output or PROJECT_ROOT / registry["scales"][args.scale]["output"])
+    output = Path(args.output or work_root() / registry["scales"][args.scale]["output"])
     check_output(output, bool(args.output))
     csv_path = Path(args.csv) if args.csv else output / "runs.csv"
     plan_ = plan_runs(tables, read_rows(csv_path))
@@ -939,7 +946,7 @@ def reproduce(args) -> int:
         return 0
     failed = []
     if blocks and not args.collect_only:
-        failed = run_sweeps(blocks, csv_path, PROJECT_ROOT / "outputs" / "reproduce" / args.scale)
+        failed = run_sweeps(blocks, csv_path, work_root() / "outputs" / "reproduce" / args.scale)
     rows = read_rows(csv_path)
     for table in tables:
         results = collect(table, plan_, rows, papers)
