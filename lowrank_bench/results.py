@@ -471,20 +471,28 @@ def read_rows(path: Path) -> list[dict]:
 
 
 # -- loggers ----------------------------------------------------------------------------------------------------
+WANDB_MODES = ("online", "offline", "disabled")
+
+
 class WandbLogger:
-    """wandb behind `logger=wandb`; `logger.mode=offline` (the default) needs no network."""
+    """wandb behind `logger=wandb` (docs/results.md, Tracking): the settings of lowrank_bench/conf/logger/wandb.yaml
+    (the command line, then WANDB_*, then the YAML), the run in the group of its config hash, named by the overrides
+    that differ; evaluations as they come (a continual run's re-evaluations under `continual/<metric>/<task>`), the
+    summary and the adapter file as a `model` artifact at the end."""
 
     def __init__(self, cfg, run_dir: Path):
         import wandb
 
         lc = cfg.logger
-        self.run = wandb.init(project=lc.project, entity=lc.get("entity"), mode=lc.mode, dir=str(run_dir),
-                              name=f"{cfg.method.name}-{cfg.task.name}-{cfg.model.name}-s{cfg.seed}",
-                              tags=list(lc.get("tags") or []), config=OmegaConf.to_container(cfg, resolve=True),
-                              reinit="finish_previous")
+        self.run_dir = run_dir
+        self.config_hash = config_hash(cfg)
+        self.run = wandb.init(project=lc.project, entity=lc.get("entity"), mode=lc.mode,
+                              dir=str(lc.get("dir") or run_dir), group=lc.get("group") or self.config_hash,
+                              name=lc.get("run_name") or run_name(cfg), tags=wandb_tags(lc),
+                              config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
 
     def __call__(self, record: dict, step: int) -> None:
-        self.run.log({k: v for k, v in record.items() if k != "confusion"}, step=step)
+        self.run.log(loggable(record), step=step)
 
     def log_matrix(self, tasks: list[str], rows: list[list[float | None]], plot: Path) -> None:
         """A continual run's accuracy matrix as a wandb Table, and its forgetting curve as an image."""
@@ -497,11 +505,69 @@ class WandbLogger:
     def finish(self, summary: dict | None) -> None:
         if summary:
             self.run.summary.update(summary)
+            self.log_adapter(summary)
         self.run.finish(exit_code=0 if summary else 1)
+
+    def log_adapter(self, summary: dict) -> None:
+        """The run's adapter.safetensors (when it saved one) as a `model` artifact named after the run."""
+        import wandb
+
+        adapter = self.run_dir / "adapter.safetensors"
+        if not adapter.is_file():
+            return
+        artifact = wandb.Artifact(f"adapter-{self.run.id}", type="model", metadata={
+            "config_hash": self.config_hash, **{k: summary.get(k) for k in ("method", "model", "task", "seed")}})
+        artifact.add_file(str(adapter))
+        self.run.log_artifact(artifact)
+
+
+def loggable(record: dict) -> dict:
+    """A record's numbers for wandb. A continual run's re-evaluation of task T after a stage goes under
+    `continual/<metric>/T` (under the plain names it would overwrite the current task's values at that step); its
+    perplexity measurements under `continual/perplexity`, ..."""
+    numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("stage_index",)}
+    if "after_stage" in record and "task" in record:
+        return {f"continual/{k}/{record['task']}": v for k, v in numbers.items()}
+    if "perplexity_after" in record:
+        return {f"continual/{k}": v for k, v in numbers.items()}
+    return numbers
+
+
+def wandb_tags(logger_cfg) -> list[str]:
+    """`logger.tags`, then those of WANDB_TAGS (comma-separated) not already there."""
+    tags = [str(t) for t in logger_cfg.get("tags") or []]
+    extra = [t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
+    return tags + [t for t in extra if t not in tags]
+
+
+def run_name(cfg) -> str:
+    """What tells this run from its neighbours: a sweep job's folder name (`3_method=lora,seed=1`: what the jobs
+    vary, configs.job_folder), a single run's command-line overrides (Hydra's override_dirname), or, outside Hydra or
+    with no override, method-task-model-seed."""
+    from lowrank_bench.configs import job_folder
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra = HydraConfig.get()
+    except (ImportError, ValueError):  # not inside a Hydra job (a library call)
+        hydra = None
+    overrides = hydra.job.override_dirname if hydra else ""
+    if overrides:
+        return job_folder(hydra.job.num, overrides) if hydra.mode == RunMode.MULTIRUN else overrides
+    return f"{cfg.method.name}-{cfg.task.name}-{cfg.model.name}-s{cfg.seed}"
 
 
 def make_logger(cfg, run_dir: Path):
-    return WandbLogger(cfg, run_dir) if cfg.logger.get("name") == "wandb" else None
+    """The run's logger: a WandbLogger with `logger=wandb`, unless its mode (or WANDB_MODE) is `disabled`; else
+    None."""
+    lc = cfg.logger
+    if lc.get("name") != "wandb":
+        return None
+    if lc.mode not in WANDB_MODES:
+        raise LrbenchError(f"logger.mode={lc.mode} (or WANDB_MODE): choose {', '.join(WANDB_MODES)}")
+    return WandbLogger(cfg, run_dir) if lc.mode != "disabled" else None
 
 
 # -- display ----------------------------------------------------------------------------------------------------

@@ -176,7 +176,8 @@ def test_unreachable_hub_model_fails_fast_with_advice(tmp_path):
 
 @pytest.mark.slow
 def test_wandb_offline_logs_config_metrics_and_summary(tmp_path):
-    result = lrbench("logger=wandb", "model=tiny-roberta", *FAST, env={"LRBENCH_OUTPUT_DIR": str(tmp_path)})
+    result = lrbench("logger=wandb", "model=tiny-roberta", *FAST,
+                     env={"LRBENCH_OUTPUT_DIR": str(tmp_path), "WANDB_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-2000:]
     logs = list(tmp_path.rglob("offline-run-*/run-*.wandb"))
     assert len(logs) == 1, "no offline wandb run was written"

@@ -257,7 +257,8 @@ def test_matrix_measures_agree_with_forgetting_definitions():
 @pytest.mark.slow
 def test_wandb_gets_the_matrix_as_a_table_and_the_plot_as_an_image(tmp_path):
     result = lrbench("logger=wandb", "task=continual/toy", "model=tiny-roberta", *FAST,
-                     env={"LRBENCH_OUTPUT_DIR": str(tmp_path), "LRBENCH_RESULTS_CSV": str(tmp_path / "w.csv")})
+                     env={"LRBENCH_OUTPUT_DIR": str(tmp_path), "LRBENCH_RESULTS_CSV": str(tmp_path / "w.csv"),
+                          "WANDB_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-2000:]
     logs = list(tmp_path.rglob("offline-run-*/run-*.wandb"))
     assert len(logs) == 1
