@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lowrank_bench import curriculum, evaluations, methods, models, validate
+from lowrank_bench import curriculum, devices, distributed, evaluations, methods, models, validate
 from lowrank_bench.configs import CONF_DIR
 from lowrank_bench.curriculum import Curriculum
 from lowrank_bench.errors import LrbenchError, input_text
@@ -52,14 +52,28 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def build_model(model_cfg: DictConfig, head: Head, pad_token_id: int | None) -> torch.nn.Module:
-    """The model with the task's head. A decoder classifies from its last real token and keeps its LM head."""
+def build_model(model_cfg: DictConfig, head: Head, pad_token_id: int | None,
+                base: models.BasePrecision = models.FP32, device: str | None = None) -> torch.nn.Module:
+    """The model with the task's head, its frozen base stored as `base` says. A decoder classifies from its last
+    real token and keeps its LM head."""
     if head.kind == "sequence_classification" and models.is_decoder(model_cfg):
-        lm = models.load_model(model_cfg, Head("causal_lm"), pad_token_id)
+        lm = models.load_model(model_cfg, Head("causal_lm"), pad_token_id, base, device)
         model = DecoderClassifier(lm, decoder_head(lm.config, 1 if head.regression else head.num_labels))
         model.lrbench_load_info = lm.lrbench_load_info
         return model
-    return models.load_model(model_cfg, head, pad_token_id)
+    return models.load_model(model_cfg, head, pad_token_id, base, device)
+
+
+def run_device(cfg: DictConfig) -> torch.device:
+    return devices.pick_device(cfg.trainer.device, distributed.current())
+
+
+def base_precision(cfg: DictConfig, method: Method) -> models.BasePrecision:
+    """How the run's frozen base is stored (model.dtype, model.quantization, model.attn_implementation) on the
+    device the run computes on, refused in one line when the method cannot train on it."""
+    base = models.base_precision(cfg.model, run_device(cfg).type, method.half_base_on_auto)
+    method.check_base(base)
+    return base
 
 
 def head_modules(model: torch.nn.Module, head: Head) -> list[str]:
@@ -112,16 +126,18 @@ def check_model_kind(cfg: DictConfig) -> None:
 def prepare(cfg: DictConfig) -> Setup:
     """Everything before training: data tokenised, model built with the curriculum's head, method applied."""
     check_model_kind(cfg)  # from the config alone: an encoder for a causal LM's task, before any file is read
+    method = methods.build(cfg.method)
+    base = base_precision(cfg, method)  # a base the method or the machine cannot have: before anything is read
     tokenizer = models.load_tokenizer(cfg.model)  # first: an unreachable Hub model fails before anything slow
     shape = curriculum.build(cfg)
-    method = methods.build(cfg.method)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     for task in shape.tasks:
         task.prepare(tokenizer, task.cfg.get("max_length") or cfg.model.max_length)
     torch.manual_seed(cfg.seed)  # the head's and adapters' initialisation must not depend on the data loading
     models.check_fits(cfg.model, shape.head, f"task {shape.name}")  # (NER knows its head only now)
-    model = build_model(cfg.model, shape.head, tokenizer.pad_token_id)
-    load_info = {f"model_{k}": v for k, v in model.lrbench_load_info.items() if k in ("load_from", "load_s")}
+    model = build_model(cfg.model, shape.head, tokenizer.pad_token_id, base, str(run_device(cfg)))
+    load_info = {f"model_{k}": v for k, v in model.lrbench_load_info.items()
+                 if k in ("load_from", "load_s", "base_dtype", "attn_implementation")}
     post = evaluations.build(cfg, tokenizer, shape.head)  # reads its items: a bad one fails before anything slow
     before = {k: v for evaluation in post for k, v in evaluation.before(model, cfg.trainer).items()}
     head_names = head_modules(model, shape.head)

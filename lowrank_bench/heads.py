@@ -67,7 +67,7 @@ class DecoderClassifier(nn.Module):
             hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                         position_ids=position_ids).last_hidden_state
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-        logits = self.score(pooled)
+        logits = self.score(pooled.to(self.score.weight.dtype))  # a bf16 base's hidden state, the fp32 head
         loss = None if labels is None else classification_loss(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 

@@ -12,12 +12,22 @@ Every model config (lowrank_bench/conf/model/*.yaml) names a `source`:
 
 `kind` says `encoder` or `decoder` (decoder-only LMs: GPT-2, Llama, Mistral families); read it with `is_decoder`.
 
+How the frozen base is stored and computed (`BasePrecision`, resolved by `base_precision`; docs/gpu.md):
+- `dtype`: fp32 | bf16 | fp16 | auto (bf16 on a GPU, fp32 on the CPU; fp32 for methods that train the base or
+  take a hypergradient through it: `Method.half_base_on_auto`). Only the base: adapters and heads stay fp32.
+- `quantization`: none | nf4 (QLoRA: the linear layers of the backbone packed in 4 bits by bitsandbytes, computed
+  in `dtype`, bf16 under auto; heads and embeddings stay unquantised).
+- `attn_implementation`: sdpa | eager | flash_attention_2 (installed flash-attn, a GPU and a half-precision base).
+A config without these keys (a run saved before they existed) gets what such runs had: fp32, none, transformers'
+default attention.
+
 A GGUF file is dequantised once (10-35 s), as a causal LM, into `$LRBENCH_CACHE_DIR/models/<package>-<version>-<gguf
 stem>/` (fp32 safetensors, config, tokenizer); every later load, with any head, reads that folder (about a second).
 
 `load_model` leaves two attributes on the model it returns:
 - `lrbench_load_info`: `{"load_from": "gguf" | "cache" | "hub" | "path" | "package" | "config", "load_s": seconds
-  in load_model}`; a load that dequantised adds `dequantise_s`, `cache_write_s`, and GGUF loads add `cache_folder`.
+  in load_model, "base_dtype": fp32 | bf16 | fp16 | nf4, "attn_implementation": what the model config says}`; a load
+  that dequantised adds `dequantise_s`, `cache_write_s`, and GGUF loads add `cache_folder`.
 - `lrbench_new_parameters`: the parameter names the checkpoint did not provide (e.g. `{"score.weight"}`), newly
   initialised; empty for `source: config`, where every weight is random anyway.
 """
@@ -39,10 +49,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lowrank_bench import hub, progress
-from lowrank_bench.errors import LrbenchError, choices
+from lowrank_bench.errors import LrbenchError, choices, did_you_mean
 
 SOURCES = ("hub", "path", "package", "config")
 KINDS = ("encoder", "decoder")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZATIONS = ("none", "nf4")
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
+BNB_CPU_SINCE = "0.46"  # bitsandbytes' first release whose 4-bit kernels run on the CPU
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +91,95 @@ HEAD_KINDS = {  # kind: (modules, auto class, peft task type, labelled, model ki
     # the numbers would be nonsense, so it is refused
     "causal_lm": HeadKind((), "AutoModelForCausalLM", "CAUSAL_LM", False, ("decoder",), "causal LM"),
 }
+
+
+@dataclass(frozen=True)
+class BasePrecision:
+    """How the frozen base is loaded: its floating dtype, whether its linear layers are 4-bit, its attention."""
+
+    dtype: str = "fp32"  # a key of DTYPES; with nf4, the compute dtype of the 4-bit layers
+    quantization: str = "none"  # a QUANTIZATIONS value
+    attn_implementation: str | None = None  # None: transformers' default
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def quantised(self) -> bool:
+        return self.quantization != "none"
+
+    @property
+    def half(self) -> bool:
+        return self.dtype != "fp32"
+
+    @property
+    def label(self) -> str:
+        """What a result row records as the base's dtype: fp32, bf16, fp16 or nf4."""
+        return self.quantization if self.quantised else self.dtype
+
+
+FP32 = BasePrecision()  # what every run had before model.dtype existed
+
+
+def chosen(cfg: DictConfig, key: str, valid) -> str | None:
+    """`model.<key>`, refused in one line when it is not one of `valid`; None when the config lacks the key."""
+    if key not in cfg:
+        return None
+    value = cfg.get(key)
+    if value not in valid:
+        raise LrbenchError(f"model.{key}={value!r} is not one of: {', '.join(valid)}{did_you_mean(str(value), valid)}")
+    return str(value)
+
+
+def base_precision(cfg: DictConfig, device_type: str = "cpu", half_on_auto: bool = True) -> BasePrecision:
+    """The model config's dtype, quantization and attention, checked against what this machine has. `device_type`
+    is where the run computes ("cuda" or "cpu"); `half_on_auto` is False for a method that wants an fp32 base."""
+    dtype = chosen(cfg, "dtype", ("auto", *DTYPES)) or FP32.dtype
+    quantization = chosen(cfg, "quantization", QUANTIZATIONS) or FP32.quantization
+    attention = chosen(cfg, "attn_implementation", ATTENTIONS)
+    if dtype == "auto":
+        gpu = device_type == "cuda"
+        dtype = "bf16" if (gpu and half_on_auto or quantization == "nf4") else "fp32"
+    if quantization == "nf4":
+        check_bitsandbytes(device_type)
+        if dtype == "fp32":
+            raise LrbenchError("model.quantization=nf4 computes its 4-bit layers in bf16 or fp16: set model.dtype=bf16 "
+                               "(or auto)")
+    if attention == "flash_attention_2":
+        check_flash_attention(device_type, dtype)
+    return BasePrecision(dtype, quantization, attention)
+
+
+def check_bitsandbytes(device_type: str) -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LrbenchError("model.quantization=nf4 needs bitsandbytes, which is not installed: `pip install "
+                           "bitsandbytes` (a GPU; on the CPU bitsandbytes >= 0.46), or model.quantization=none")
+    version = package_version("bitsandbytes")
+    if device_type != "cuda" and not version_at_least(version, BNB_CPU_SINCE):
+        raise LrbenchError(f"model.quantization=nf4 on the CPU needs bitsandbytes >= {BNB_CPU_SINCE} (installed: "
+                           f"{version}); run on a GPU, upgrade bitsandbytes, or model.quantization=none")
+
+
+def check_flash_attention(device_type: str, dtype: str) -> None:
+    fix = "or model.attn_implementation=sdpa"
+    if importlib.util.find_spec("flash_attn") is None:
+        raise LrbenchError(f"model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
+                           f"installed (`pip install flash-attn`, CUDA only); {fix}")
+    if device_type != "cuda":
+        raise LrbenchError(f"model.attn_implementation=flash_attention_2 runs on a CUDA GPU only; {fix}")
+    if dtype == "fp32":
+        raise LrbenchError(f"model.attn_implementation=flash_attention_2 needs a bf16 or fp16 base: set "
+                           f"model.dtype=bf16, {fix}")
+
+
+def version_at_least(version: str, least: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version) >= Version(least)
+    except InvalidVersion:
+        return False
 
 
 def head_kind(head: Head) -> HeadKind:
@@ -408,7 +511,8 @@ def config_overrides(cfg: DictConfig, config) -> dict:
     return overrides
 
 
-def from_config(cfg: DictConfig, head: Head) -> torch.nn.Module:
+def from_config(cfg: DictConfig, head: Head, base: BasePrecision = FP32) -> torch.nn.Module:
+    """Random weights, drawn in fp32 (the same draws whatever `base` says), then stored as `base` asks."""
     from transformers import AutoConfig
 
     params = OmegaConf.to_container(cfg.config, resolve=True)
@@ -417,14 +521,110 @@ def from_config(cfg: DictConfig, head: Head) -> torch.nn.Module:
     for key, value in config_overrides(cfg, config).items():
         setattr(config, key, value)
     try:
-        return auto_class(head).from_config(config)
+        model = auto_class(head).from_config(config, **attention_kwargs(base))
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise unsupported(cfg, head, model_type) from None
-        raise
+        raise attention_refused(cfg, base, err) from None
+    cast_backbone(model, base.torch_dtype, head_kind(head).modules)
+    if base.quantised:
+        quantise_linear_layers(model, base)
+    return model
 
 
-def from_checkpoint(cfg: DictConfig, head: Head, location: str, kwargs: dict) -> tuple[torch.nn.Module, set[str]]:
+def attention_kwargs(base: BasePrecision) -> dict:
+    return {"attn_implementation": base.attn_implementation} if base.attn_implementation else {}
+
+
+def attention_refused(cfg: DictConfig, base: BasePrecision, err: ValueError) -> Exception:
+    """transformers' refusal of an attention implementation the architecture lacks, as one line; other errors as
+    they were."""
+    if base.attn_implementation and "attn" in str(err).lower():
+        return LrbenchError(f"model={cfg.get('name')} cannot use model.attn_implementation="
+                            f"{base.attn_implementation}: {first_line(err)}; valid: {', '.join(ATTENTIONS)}")
+    return err
+
+
+def cast_backbone(model: torch.nn.Module, dtype: torch.dtype, keep: tuple[str, ...]) -> None:
+    """Store every top-level module but the head (`keep`) in `dtype`: the head trains, so it stays fp32."""
+    if dtype == torch.float32:
+        return
+    for name, child in model.named_children():
+        if name not in keep:
+            child.to(dtype)
+
+
+def cast_inputs_to_parameters(module: torch.nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of an fp32 module inside a half-precision model: its floating inputs in its dtype."""
+    dtype = next(module.parameters(recurse=False)).dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def hold_in_fp32(module: torch.nn.Module) -> None:
+    """`module` stored in fp32, each of its parts that holds parameters casting its inputs to fp32 (once)."""
+    module.float()
+    for part in module.modules():
+        if next(part.parameters(recurse=False), None) is not None and not getattr(part, "lrbench_casts_inputs", 0):
+            part.register_forward_pre_hook(cast_inputs_to_parameters)
+            part.lrbench_casts_inputs = True
+
+
+def hold_head_in_fp32(model: torch.nn.Module, head: Head, base: BasePrecision) -> None:
+    """On a half-precision or 4-bit base, the task head (it trains) in fp32, reading the backbone's half output."""
+    if not (base.half or base.quantised):
+        return
+    for name in head_kind(head).modules:
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            hold_in_fp32(getattr(model, name))
+
+
+#: modules never quantised: the heads (they train) and the LM head (it reads out the vocabulary)
+UNQUANTISED = ("lm_head", *sorted({m for kind in HEAD_KINDS.values() for m in kind.modules}))
+
+
+def bnb_config(base: BasePrecision):
+    """transformers' BitsAndBytesConfig for QLoRA: NF4 with double quantisation, computed in the base's dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=base.torch_dtype, llm_int8_skip_modules=list(UNQUANTISED))
+
+
+def quantise_linear_layers(model: torch.nn.Module, base: BasePrecision) -> None:
+    """A config-built model's linear layers (nn.Linear, GPT-2's Conv1D) replaced by bitsandbytes' NF4 Linear4bit,
+    as `bnb_config` does for a checkpoint (from_config takes no quantization_config)."""
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
+
+    chosen = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, (torch.nn.Linear, Conv1D)) and not isinstance(module, bnb.nn.Linear4bit)
+              and not any(part in UNQUANTISED for part in name.split("."))]
+    for name, module in chosen:
+        weight = module.weight.detach()
+        weight = weight.T if isinstance(module, Conv1D) else weight  # Conv1D stores (in, out)
+        layer = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=module.bias is not None,
+                                  compute_dtype=base.torch_dtype, quant_type="nf4", device=weight.device)
+        layer.weight = bnb.nn.Params4bit(weight.to(base.torch_dtype).contiguous(), requires_grad=False,
+                                         quant_type="nf4", compress_statistics=True)
+        if module.bias is not None:
+            layer.bias = torch.nn.Parameter(module.bias.detach().to(base.torch_dtype), requires_grad=False)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, layer.to(weight.device))  # .to quantises
+
+
+def precision_kwargs(base: BasePrecision, device: str | None) -> dict:
+    """from_pretrained's keywords for `base`: the dtype, the attention, and for NF4 the quantisation config (loaded
+    straight onto `device`, a GPU, where bitsandbytes quantises each shard as it arrives)."""
+    kwargs = {"dtype": base.torch_dtype, **attention_kwargs(base)}
+    if base.quantised:
+        kwargs["quantization_config"] = bnb_config(base)
+        if device and device.startswith("cuda"):
+            kwargs["device_map"] = {"": device}
+    return kwargs
+
+
+def from_checkpoint(cfg: DictConfig, head: Head, location: str, kwargs: dict, base: BasePrecision = FP32,
+                    device: str | None = None) -> tuple[torch.nn.Module, set[str]]:
     """The model with the task's head, and the names of the parameters the checkpoint did not provide."""
     from transformers import AutoConfig
 
@@ -432,35 +632,43 @@ def from_checkpoint(cfg: DictConfig, head: Head, location: str, kwargs: dict) ->
     try:
         if cfg.get("config_overrides"):  # from_pretrained puts keyword arguments that name config attributes there
             overrides = config_overrides(cfg, AutoConfig.from_pretrained(location, **kwargs))
-        model, info = auto_class(head).from_pretrained(location, dtype=torch.float32, output_loading_info=True,
-                                                       **kwargs, **head_kwargs(head), **overrides)
+        model, info = auto_class(head).from_pretrained(location, output_loading_info=True,
+                                                       **precision_kwargs(base, device), **kwargs,
+                                                       **head_kwargs(head), **overrides)
     except OSError as err:
         raise LrbenchError(f"model '{cfg.name}' could not be loaded from {location}: {err}") from err
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             config = AutoConfig.from_pretrained(location, **kwargs)
             raise unsupported(cfg, head, config.model_type) from None
-        raise
+        raise attention_refused(cfg, base, err) from None
     names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     return model, set(info["missing_keys"]) & names
 
 
-def load_model(cfg: DictConfig, head: Head, pad_token_id: int | None = None) -> torch.nn.Module:
-    """Build the model with the task's head. Weights are fp32 on the CPU; the trainer moves and autocasts.
-    Sets `model.lrbench_load_info` and `model.lrbench_new_parameters` (see the module docstring)."""
+def load_model(cfg: DictConfig, head: Head, pad_token_id: int | None = None, base: BasePrecision | None = None,
+               device: str | None = None) -> torch.nn.Module:
+    """Build the model with the task's head, its backbone stored as `base` says (default: `base_precision` of the
+    config for this machine), on the CPU except an NF4 checkpoint, which loads onto `device`; the trainer moves
+    and autocasts. Sets `model.lrbench_load_info` and `model.lrbench_new_parameters` (see the module docstring)."""
     quiet_transformers()
+    if base is None:
+        base = base_precision(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     if cfg.source == "config":
-        model, new_parameters, info = from_config(cfg, head), set(), {"load_from": "config"}
+        model, new_parameters, info = from_config(cfg, head, base), set(), {"load_from": "config"}
     elif cfg.get("gguf_file"):
         folder, info = gguf_cache(cfg)
-        model, new_parameters = from_checkpoint(cfg, head, str(folder), {})
+        model, new_parameters = from_checkpoint(cfg, head, str(folder), {}, base, device)
         info.update(load_from="gguf" if info else "cache", cache_folder=str(folder))
     else:
         location, kwargs = resolve_location(cfg)
-        model, new_parameters = from_checkpoint(cfg, head, location, kwargs)
+        model, new_parameters = from_checkpoint(cfg, head, location, kwargs, base, device)
         info = {"load_from": "path" if cfg.get("path") else str(cfg.source)}
+    hold_head_in_fp32(model, head, base)
     info["load_s"] = time.perf_counter() - start
+    info["base_dtype"] = base.label
+    info["attn_implementation"] = str(getattr(model.config, "_attn_implementation", None) or "default")
     log.info("model %s loaded from %s in %.1f s", cfg.get("name"), info["load_from"], info["load_s"])
     model.lrbench_load_info = info
     model.lrbench_new_parameters = new_parameters

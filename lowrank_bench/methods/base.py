@@ -9,6 +9,14 @@ belong to its `lower` and `upper` level; the trainer reads nothing else.
 An `AdaptedLayer` wraps the frozen base layer. Its default forward is `base(x) + delta(x)`, and its merge adds
 `delta_weight()` (an (out, in) matrix) into the base weight, so identity at initialisation and merge equality are
 the same two checks for every method.
+
+Precision (models.BasePrecision, docs/gpu.md). A method's own tensors are fp32 whatever the base's dtype
+(`adapter_dtype`): a bf16/fp16 base, or a 4-bit one (bitsandbytes' `Linear4bit`, whose `weight` is packed bytes),
+gets fp32 adapters; an fp32 or fp64 base gets adapters of its own dtype. The adapter's input is cast to the
+adapter's dtype and its result back to the base output's, as PEFT does. Where a method needs W itself (DoRA's norm,
+CURLoRA's C and R, a merge) it reads `dense_weight()`: W in the adapter's dtype, dequantised from 4 bits. After
+`apply`, every trainable tensor left in half precision (a checkpoint's head loaded in bf16) is made fp32 and its
+module casts its inputs to fp32 (`keep_trainable_fp32`).
 """
 from __future__ import annotations
 
@@ -22,14 +30,57 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lowrank_bench.errors import LrbenchError
+from lowrank_bench.models import hold_in_fp32
 
-ADAPTABLE = (nn.Linear, Conv1D)
+ADAPTABLE = (nn.Linear, Conv1D)  # (bitsandbytes' Linear4bit is an nn.Linear)
+HALF = (torch.float16, torch.bfloat16)
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit layer (its weight is packed bytes with a quantisation state), told without importing
+    bitsandbytes."""
+    return hasattr(getattr(module, "weight", None), "quant_state")
 
 
 def out_in(module: nn.Module) -> tuple[int, int]:
     """(out, in) features of an adaptable layer, whatever its storage layout."""
+    if is_4bit(module):
+        return module.out_features, module.in_features
     rows, cols = module.weight.shape
     return (cols, rows) if isinstance(module, Conv1D) else (rows, cols)
+
+
+def adapter_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype of a method's tensors on `base`: fp32 on a half-precision or 4-bit base, else the base's own."""
+    dtype = base.weight.dtype
+    return torch.float32 if is_4bit(base) or dtype in HALF else dtype
+
+
+def dequantised(base: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a bitsandbytes 4-bit layer, in the dtype it was quantised from."""
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+
+
+def requantise(base: nn.Module, weight: torch.Tensor) -> None:
+    """Replace a 4-bit layer's weight by `weight` (out, in), quantised again (PEFT's merge on a 4-bit base: lossy,
+    by the quantisation error of the new weight)."""
+    import bitsandbytes as bnb
+
+    old = base.weight
+    kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k != "data"}
+    kwargs.update(requires_grad=False, bnb_quantized=False)
+    data = weight.to("cpu", old.quant_state.dtype).contiguous()
+    base.weight = bnb.nn.Params4bit(data, **kwargs).to(old.device)
+
+
+def keep_trainable_fp32(model: nn.Module) -> None:
+    """Every module with a trainable half-precision tensor (a head the loader did not know, e.g. DeBERTa's fresh
+    pooler) made fp32 and casting its inputs (see the module docstring)."""
+    for module in model.modules():
+        if any(p.requires_grad and p.dtype in HALF for p in module.parameters(recurse=False)):
+            hold_in_fp32(module)
 
 
 def check_rank(r: int, name: str, shape: tuple[int, int], limit: int | None = None) -> None:
@@ -50,15 +101,40 @@ class AdaptedLayer(nn.Module):
         self.base = base
         self.fan_in_fan_out = isinstance(base, Conv1D)  # GPT-2 stores W as (in, out)
         self.out_features, self.in_features = out_in(base)
+        self.quantised = is_4bit(base)
+        self.param_dtype = adapter_dtype(base)  # what the subclass creates its tensors in
         self.merged = False
 
     @property
     def weight(self) -> torch.Tensor:
-        """The base weight as (out, in), a view of the real storage (so in-place edits reach it)."""
+        """The base weight as (out, in), a view of the real storage (so in-place edits reach it); packed bytes on a
+        4-bit base (read `dense_weight` there)."""
         return self.base.weight.T if self.fan_in_fan_out else self.base.weight
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the method's own tensors now (fp64 after `model.double()`)."""
+        return getattr(self, next(iter(self.roles))).dtype
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W as an (out, in) matrix in `dtype` (default: the adapter's), dequantised on a 4-bit base (a copy then,
+        else a view when the dtypes agree)."""
+        weight = dequantised(self.base) if self.quantised else self.weight
+        return weight.to(dtype or self.compute_dtype)
+
+    @torch.no_grad()
+    def write_weight(self, weight: torch.Tensor) -> None:
+        """Set W (out, in) to `weight`: rounded to the base's dtype, or quantised again on a 4-bit base."""
+        if self.quantised:
+            requantise(self.base, weight)
+        else:
+            self.weight.copy_(weight)
 
     def base_linear(self, x: torch.Tensor) -> torch.Tensor:
         """W x without the bias."""
+        if self.quantised:
+            out = self.base(x)
+            return out if self.base.bias is None else out - self.base.bias
         return x @ self.base.weight if self.fan_in_fan_out else nn.functional.linear(x, self.base.weight)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,19 +146,29 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        return out if self.merged else out + self.delta(x)
+        if self.merged:
+            return out
+        return out + self.delta(x.to(self.compute_dtype)).to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.add_to_weight(self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.add_to_weight(-self.delta_weight())
             self.merged = False
+
+    @torch.no_grad()
+    def add_to_weight(self, delta: torch.Tensor) -> None:
+        """W += delta, summed in the adapter's dtype and rounded once (to a half base's dtype, or to 4 bits)."""
+        if self.quantised or self.weight.dtype in HALF:
+            self.write_weight(self.dense_weight() + delta)
+        else:
+            self.weight.add_(delta.to(self.weight.dtype))
 
     def role_parameters(self) -> Iterator[tuple[str, str, nn.Parameter]]:
         for attr, role in self.roles.items():
@@ -140,6 +226,8 @@ class Method:
     name = "base"
     #: roles trained at each level; `None` means single-level
     levels: dict[str, tuple[str, ...]] | None = None
+    #: why the method cannot train on a 4-bit (nf4) base; None: it can (`nf4_refusal` may say more per config)
+    not_on_4bit: str | None = "has not been written for a 4-bit base"
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -151,6 +239,37 @@ class Method:
 
     def make_layer(self, name: str, base: nn.Module) -> AdaptedLayer:
         raise NotImplementedError
+
+    @property
+    def half_base_on_auto(self) -> bool:
+        """Whether model.dtype=auto gives a bf16 base on a GPU: not for a bi-level method, whose hypergradient passes
+        run in fp32 (bilevel.py) and would otherwise see a bf16 network."""
+        return self.levels is None
+
+    def nf4_refusal(self) -> str | None:
+        """Why this method, as configured, cannot train on a 4-bit base; None: it can."""
+        return self.not_on_4bit
+
+    def half_refusal(self) -> str | None:
+        """Why this method, as configured, cannot train on a bf16/fp16 base; None: it can."""
+        bilevel = self.cfg.get("bilevel")
+        if self.levels is not None and bilevel is not None and bilevel.get("perturb") == "whole_model":
+            return ("perturbs every base weight by eps v (method.bilevel.perturb=whole_model), which a half-precision "
+                    "or 4-bit weight rounds away; use method.bilevel.perturb=trainable")
+        return None
+
+    def check_base(self, base) -> None:
+        """Refuse, before anything is loaded, a frozen base (models.BasePrecision) this method cannot train on."""
+        name = self.cfg.get("name")
+        reason = self.half_refusal() if base.half or base.quantised else None
+        if reason is None and base.quantised:
+            reason = self.nf4_refusal()
+        if reason is None:
+            return
+        setting = "model.quantization=nf4" if base.quantised else f"model.dtype={base.dtype}"
+        fix = "model.quantization=none" if base.quantised else "model.dtype=fp32"
+        raise LrbenchError(f"{setting}: method={name} {reason}; use {fix} (docs/gpu.md: which methods run on a "
+                           f"{'4-bit' if base.quantised else 'half-precision'} base)")
 
     def resolve_targets(self, target_sets: dict[str, list[str]]) -> list[str]:
         """`method.targets`: null (the model's default set), the name of one of the model's sets (e.g. `qkv`),
@@ -173,7 +292,9 @@ class Method:
         """Freeze, inject, unfreeze the head; return trainable parameters grouped by role."""
         model.requires_grad_(False)
         self.layers = inject(model, self.resolve_targets(target_sets), self.make_layer, heads)
-        return self.unfreeze_groups(model, heads)
+        groups = self.unfreeze_groups(model, heads)
+        keep_trainable_fp32(model)
+        return groups
 
     def unfreeze_groups(self, model: nn.Module, heads: list[str]) -> dict[str, list[nn.Parameter]]:
         groups: dict[str, list[nn.Parameter]] = {}

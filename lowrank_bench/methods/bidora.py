@@ -60,7 +60,7 @@ class BiDoRALayer(DoRALayer):
 
     def direction(self) -> torch.Tensor:
         """D = (W0 + s B A) / ||.||_row: unit rows."""
-        v = self.weight + self.delta_weight()
+        v = self.dense_weight() + self.delta_weight()
         return v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
 
     def orthogonality_penalty(self) -> torch.Tensor:
@@ -80,15 +80,15 @@ class OfficialBiDoRALayer(AdaptedLayer):
         if self.in_features != self.out_features:
             raise LrbenchError(f"method.orientation=official needs square weights; '{name}' is "
                                f"{self.out_features}x{self.in_features} (use orientation=standard)")
-        w = self.weight
+        w = self.weight.detach().to(self.param_dtype)
         self.detach_norm = detach_norm
         self.lora_A = nn.Parameter(torch.randn(r, self.in_features, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
-        self.magnitude = nn.Parameter(torch.linalg.vector_norm(w.detach(), dim=0).clone())
+        self.magnitude = nn.Parameter(torch.linalg.vector_norm(w, dim=0).clone())
         self._original = None
 
     def direction(self) -> torch.Tensor:
-        v = self.weight + self.lora_B @ self.lora_A  # no alpha/r: the official code computes but never uses it
+        v = self.dense_weight() + self.lora_B @ self.lora_A  # no alpha/r: the official code computes but never uses it
         norm = torch.linalg.vector_norm(v, dim=0, keepdim=True)
         return v / (norm.detach() if self.detach_norm else norm)
 
@@ -99,10 +99,12 @@ class OfficialBiDoRALayer(AdaptedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        return nn.functional.linear(x, self.effective_weight(), self.base.bias)
+        dtype = self.compute_dtype
+        bias = None if self.base.bias is None else self.base.bias.to(dtype)
+        return nn.functional.linear(x.to(dtype), self.effective_weight(), bias).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        return self.effective_weight() - self.weight
+        return self.effective_weight() - self.dense_weight()
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -126,6 +128,11 @@ class OfficialBiDoRALayer(AdaptedLayer):
 class BiDoRA(DoRA):
     name = "bidora"
     levels = {"lower": ("adapter", "head"), "upper": ("magnitude",)}
+
+    def nf4_refusal(self) -> str | None:
+        if self.cfg.orientation == "official":
+            return "with orientation=official rebuilds the whole weight x @ W' in every forward; use orientation=standard"
+        return super().nf4_refusal()
 
     def __init__(self, cfg):
         super().__init__(cfg)

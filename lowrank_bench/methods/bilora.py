@@ -42,9 +42,9 @@ class BiLoRALayer(AdaptedLayer):
         super().__init__(base)
         self.check_rank(r, name)
         self.r, self.scaling, self.lambda_param = r, alpha / r, lambda_param
-        w = base.weight
-        self.P = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
-        self.Q = nn.Parameter(torch.empty(r, self.in_features, dtype=w.dtype, device=w.device))
+        dtype, device = self.param_dtype, base.weight.device
+        self.P = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
+        self.Q = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
         start = 1.0 if lambda_param == "real" else 0.0
         if init == "adalora":
             nn.init.normal_(self.P, std=ADALORA_STD)
@@ -52,7 +52,7 @@ class BiLoRALayer(AdaptedLayer):
             start = 0.0  # real: lambda = 0, AdaLoRA's; softmax: uniform 1/r; binary: 0.5
         else:
             nn.init.kaiming_uniform_(self.Q, a=math.sqrt(5))
-        self.theta = nn.Parameter(torch.full((r,), start, dtype=w.dtype, device=w.device))
+        self.theta = nn.Parameter(torch.full((r,), start, dtype=dtype, device=device))
         self.has_offset = init == "adalora" and lambda_param != "real"
         if self.has_offset:
             with torch.no_grad():  # -s P0 diag(lambda0) Q0 as two thin factors, so that Delta W = 0 at start
@@ -86,6 +86,7 @@ class BiLoRALayer(AdaptedLayer):
 class BiLoRA(Method):
     name = "bilora"
     levels = {"lower": ("adapter", "head"), "upper": ("singular_values",)}
+    not_on_4bit = None  # its update never reads W
 
     def __init__(self, cfg):
         super().__init__(cfg)

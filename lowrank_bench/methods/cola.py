@@ -44,8 +44,8 @@ class CoLALayer(AdaptedLayer):
         self.r, self.scaling, self.strategy = r, alpha / r, strategy
         self.num_a, self.num_b = num_a, num_b
         w = base.weight
-        self.lora_A = nn.Parameter(torch.zeros(num_a, r, self.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(num_b, self.out_features, r, dtype=w.dtype, device=w.device))
+        self.lora_A = nn.Parameter(torch.zeros(num_a, r, self.in_features, dtype=self.param_dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(num_b, self.out_features, r, dtype=self.param_dtype, device=w.device))
         self.pairs = heuristic_pairs(num_a, num_b)
         if not w.is_meta:
             self.pissa_init()
@@ -57,9 +57,10 @@ class CoLALayer(AdaptedLayer):
         root = torch.sqrt(s[: self.r] / self.scaling)
         a = (root[:, None] * vh[: self.r]) / self.num_a
         b = (u[:, : self.r] * root) / self.num_b
-        self.lora_A.copy_(a.expand_as(self.lora_A).to(w.dtype))
-        self.lora_B.copy_(b.expand_as(self.lora_B).to(w.dtype))
-        w.sub_((u[:, : self.r] * s[: self.r]) @ vh[: self.r])  # the residual stays as the base weight
+        self.lora_A.copy_(a.expand_as(self.lora_A))
+        self.lora_B.copy_(b.expand_as(self.lora_B))
+        # the residual stays as the base weight (rounded to a half base's dtype: W' = W then holds to that rounding)
+        w.sub_((u[:, : self.r] * s[: self.r]) @ vh[: self.r])
 
     def pairing(self) -> list[tuple[int, int]] | None:
         """The (A, B) pairs of this forward pass; None means the factorised sum (sum B)(sum A)."""
@@ -87,6 +88,8 @@ class CoLALayer(AdaptedLayer):
 
 class CoLA(Method):
     name = "cola"
+    not_on_4bit = ("starts from PiSSA, which rewrites the base weight as W - U_r S_r V_r^T: quantised again, the "
+                   "residual's 4-bit error would break W' = W at step 0")
 
     def __init__(self, cfg):
         super().__init__(cfg)

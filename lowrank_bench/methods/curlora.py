@@ -40,7 +40,7 @@ class CURLoRALayer(AdaptedLayer):
         super().__init__(base)
         self.check_rank(r, name)
         self.alpha = alpha
-        w = self.weight.detach()
+        w = self.dense_weight(self.param_dtype).detach()
         if w.is_meta:  # parameter counting without weights: shapes only
             cols = rows = torch.arange(r)
         else:
@@ -51,7 +51,7 @@ class CURLoRALayer(AdaptedLayer):
         self.register_buffer("rows", rows.to(w.device))
         self.register_buffer("C", w[:, cols].clone())
         self.register_buffer("R", w[rows, :].clone())
-        self.U = nn.Parameter(torch.zeros(r, r, dtype=w.dtype, device=w.device))
+        self.U = nn.Parameter(torch.zeros(r, r, dtype=self.param_dtype, device=w.device))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return (x @ self.R.T) @ self.U.T @ self.C.T * self.alpha  # three thin products; C U R is never formed
@@ -62,6 +62,7 @@ class CURLoRALayer(AdaptedLayer):
 
 class CURLoRA(Method):
     name = "curlora"
+    not_on_4bit = None  # C and R are copied from the dequantised W, in fp32
 
     def __init__(self, cfg):
         super().__init__(cfg)

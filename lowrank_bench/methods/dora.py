@@ -29,8 +29,8 @@ class DoRALayer(LoRALayer):
         self._merge_norm = None
 
     def weight_norm(self) -> torch.Tensor:
-        """||W0 + s B A|| per output row."""
-        return torch.linalg.vector_norm(self.weight + self.delta_weight(), dim=1)
+        """||W0 + s B A|| per output row (W0 in the adapter's dtype, dequantised on a 4-bit base)."""
+        return torch.linalg.vector_norm(self.dense_weight() + self.delta_weight(), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -46,22 +46,21 @@ class DoRALayer(LoRALayer):
         else:
             x_in = self.dropout(x)
             base_out = self.base_linear(x_in)
-        return out + (gain - 1) * base_out + gain * self.lora(x_in)
+        # (on a half base: the sum in the adapter's dtype, rounded once to the base's)
+        return (out + (gain - 1) * base_out + gain * self.lora(x_in.to(self.compute_dtype))).to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
             # the norm cannot be recomputed from the merged weight, so keep it for unmerge (as PEFT does)
             self._merge_norm = self.weight_norm()
-            merged = (self.magnitude / self._merge_norm)[:, None] * (self.weight + self.delta_weight())
-            self.weight.copy_(merged.to(self.weight.dtype))
+            self.write_weight((self.magnitude / self._merge_norm)[:, None] * (self.dense_weight() + self.delta_weight()))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            original = self.weight * (self._merge_norm / self.magnitude)[:, None] - self.delta_weight()
-            self.weight.copy_(original.to(self.weight.dtype))
+            self.write_weight(self.dense_weight() * (self._merge_norm / self.magnitude)[:, None] - self.delta_weight())
             self.merged = False
 
 

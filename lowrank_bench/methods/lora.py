@@ -70,9 +70,9 @@ class LoRALayer(AdaptedLayer):
         self.check_rank(r, name)
         self.r = r
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        weight = base.weight
-        self.lora_A = nn.Parameter(init_lora_a(r, self.in_features, init_a, weight.dtype, weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=weight.dtype, device=weight.device))
+        dtype, device = self.param_dtype, base.weight.device
+        self.lora_A = nn.Parameter(init_lora_a(r, self.in_features, init_a, dtype, device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def lora(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +88,7 @@ class LoRALayer(AdaptedLayer):
 
 class LoRA(Method):
     name = "lora"
+    not_on_4bit = None  # QLoRA: the update never reads W; a merge dequantises, adds and quantises again
 
     def __init__(self, cfg):
         super().__init__(cfg)

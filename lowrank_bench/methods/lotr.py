@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lowrank_bench.errors import LrbenchError
-from lowrank_bench.methods.base import AdaptedLayer, Method, adapted_layers, check_rank, out_in
+from lowrank_bench.methods.base import AdaptedLayer, Method, adapted_layers, adapter_dtype, check_rank, out_in
 
 SHARING = ("all_targets", "per_matrix_type")
 INITS = ("normal", "svd")
@@ -43,8 +43,7 @@ class LoTRLayer(AdaptedLayer):
         super().__init__(base)
         self.r, self.scaling = r, alpha / r
         self.factors = [factors]  # a list: not registered as a child module, so L and R are not saved per layer
-        w = base.weight
-        self.G = nn.Parameter(torch.zeros(r, r, dtype=w.dtype, device=w.device))
+        self.G = nn.Parameter(torch.zeros(r, r, dtype=self.param_dtype, device=base.weight.device))
 
     @property
     def L(self) -> nn.Parameter:
@@ -72,6 +71,12 @@ class LoTR(Method):
             raise LrbenchError(f"method.init={cfg.init!r}; valid: {', '.join(INITS)}")
         self.shared = nn.ModuleDict()
 
+    def nf4_refusal(self) -> str | None:
+        if self.cfg.init == "svd":
+            return ("with init=svd rewrites each base weight as its Tucker-2 residual, which 4 bits cannot hold "
+                    "exactly; use method.init=normal")
+        return None  # init=normal: the update never reads W
+
     def share_key(self, name: str) -> str:
         return "all" if self.cfg.share == "all_targets" else name.rsplit(".", 1)[-1]
 
@@ -79,7 +84,7 @@ class LoTR(Method):
         shape, r, key = out_in(base), self.cfg.r, self.share_key(name)
         check_rank(r, name, shape)
         if key not in self.shared:
-            self.shared[key] = SharedFactors(*shape, r, base.weight.dtype, base.weight.device)
+            self.shared[key] = SharedFactors(*shape, r, adapter_dtype(base), base.weight.device)
         factors = self.shared[key]
         if (factors.L.shape[0], factors.R.shape[0]) != shape:
             raise LrbenchError(f"LoTR shares (L, R) across '{key}' but '{name}' is {shape[0]}x{shape[1]}, not "
@@ -100,7 +105,7 @@ class LoTR(Method):
         for name, layer in adapted_layers(model).items():
             by_key.setdefault(self.share_key(name), []).append(layer)
         for key, layers in by_key.items():
-            weights = torch.stack([layer.weight.float() for layer in layers])  # N x out x in
+            weights = torch.stack([layer.dense_weight(torch.float32) for layer in layers])  # N x out x in
             n, out, inp = weights.shape
             r = self.cfg.r
             left = torch.linalg.svd(weights.permute(1, 0, 2).reshape(out, n * inp), full_matrices=False)[0][:, :r]

@@ -10,6 +10,10 @@ trained and saved by the runner as for every other method (we do not use PEFT's 
 parameter counts are comparable across methods. The runner calls the PeftModel, so tuners that add a loss term in
 their forward (AdaLoRA's orthogonality regulariser) keep it, and AdaLoRA's rank allocator runs after each
 optimiser step, as PEFT's docs prescribe.
+
+On a half-precision base PEFT keeps its adapter weights fp32 (`autocast_adapter_dtype`) and casts inputs itself.
+On a 4-bit base only the tuners with a bitsandbytes layer in PEFT run (NF4_TUNERS); the others would read the
+packed bytes of `Linear4bit.weight` as if they were W, so they are refused.
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lowrank_bench.errors import LrbenchError, choices
-from lowrank_bench.methods.base import ADAPTABLE, Method, is_head
+from lowrank_bench.methods.base import ADAPTABLE, Method, is_head, keep_trainable_fp32
+
+NF4_TUNERS = ("LORA", "ADALORA", "IA3")  # PEFT tuners with a bnb.nn.Linear4bit layer (peft/tuners/<name>/bnb.py)
 
 
 def peft_config(peft_type: str, options: dict):
@@ -70,6 +76,12 @@ class PeftBaseline(Method):
     def rank(self):
         return self.cfg.config.get("r")
 
+    def nf4_refusal(self) -> str | None:
+        if self.peft_type in NF4_TUNERS:
+            return None
+        return (f"(PEFT {self.peft_type}) has no 4-bit layer in PEFT; PEFT tuners that run on a 4-bit base: "
+                f"{', '.join(NF4_TUNERS)}")
+
     def apply(self, model: nn.Module, heads: list[str], target_sets: dict) -> dict[str, list[nn.Parameter]]:
         from peft import get_peft_model
 
@@ -91,6 +103,7 @@ class PeftBaseline(Method):
                 groups["adapter"].append(param)
         if not groups["adapter"]:
             raise LrbenchError(f"PEFT {self.peft_type} added no trainable parameters (targets {options['target_modules']})")
+        keep_trainable_fp32(model)
         return groups
 
     def wrap(self, model: nn.Module) -> nn.Module:
