@@ -19,7 +19,14 @@ config; module names lose their `lm.` prefix). That class reads the last non-pad
 the left, which equals our reading for right-padded input, so the exported tokenizer pads on the right and does
 not return `token_type_ids` (which GPT-2 would add to its input embeddings; our classifier drops them).
 
-Nothing is half-written: the export is built in a hidden folder beside `--out` and renamed into place at the end.
+`--dtype` (fp32, bf16, fp16) is the precision of a merged model's weights; an adapter is saved as the run holds it.
+The exported model's config names the classes (`id2label`, `label2id`) as the task does (GLUE's, CoNLL's tags).
+
+Nothing is half-written, and nothing that does not load: the export is built in a hidden folder beside `--out`,
+loaded back from there as a user would (peft: `PeftModel.from_pretrained` over the run's own base weights, the head
+emptied so that it must come from the adapter; merged: `AutoModelFor....from_pretrained` alone), and its logits on
+a few of the task's examples compared with the run's. Only then is it renamed into place; a load that fails or a
+difference above `TOLERANCE` is one line and leaves `--out` as it was.
 """
 from __future__ import annotations
 
@@ -48,6 +55,14 @@ AS_PEFT_LORA = {"lora": False, "dora": True, "bidora": True}  # method -> use_do
 #: peft initialisations that leave a residual in the base weights: the adapter alone does not reproduce the run
 RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
 PEFT_PREFIX = "base_model.model."  # what peft puts before a module's name in its saved state dicts
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: the largest |exported logits - run's logits| accepted, in units of max(1, max |run's logits|), by the coarser of
+#: the export's and the run's precision. fp32: the rounding of a merge. bf16 and fp16: every weight rounded once,
+#: then computed in that precision, through every layer. Observed (lrbench-export on the 2-core CPU): fp32 <= 6e-6;
+#: bf16 0.021 (MiniLM-L6) and 0.025 (SmolLM2-135M, 30 layers); fp16 0.002 and 0.013. A head or update that did not
+#: load moves the logits by their own size.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 1e-1}
+PROBE_EXAMPLES = 4  # the task's evaluation examples an export is checked on
 
 
 # -- rebuilding a run --------------------------------------------------------------------------------------------
@@ -68,10 +83,15 @@ def is_peft_run(method_cfg) -> bool:
     return str(method_cfg.name).startswith("peft/")
 
 
-def check_format(run_cfg: DictConfig, fmt: str) -> None:
+def check_format(run_cfg: DictConfig, fmt: str, dtype: str = "fp32") -> None:
     """Refuse, from the config alone (before anything slow), a format the run's method cannot take."""
     if fmt not in FORMATS:
         raise LrbenchError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise LrbenchError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if fmt == "peft" and dtype != "fp32":
+        raise LrbenchError(f"--dtype {dtype} applies to --format merged; an adapter is saved as the run trained it "
+                           "(load the base model in the precision you want)")
     method = run_cfg.method
     if not curriculum.has_one_head(run_cfg):
         raise LrbenchError(f"task={run_cfg.task.name} is a continual sequence with one head per task; "
@@ -114,6 +134,18 @@ def head_module_names(setup) -> list[str]:
     return assembly.head_modules(backbone_model(setup.model), setup.curriculum.head)
 
 
+def check_head_not_adapted(names, heads: list[str]) -> None:
+    """peft saves a `modules_to_save` module whole and cannot load an adapter inside it: refuse the run (one trained
+    before adapters were kept out of the head) rather than write an adapter that does not load."""
+    from lowrank_bench.methods.base import is_head
+
+    inside = [name for name in names if is_head(name, heads)]
+    if inside:
+        raise LrbenchError(f"the run adapted '{inside[0]}' inside its task head ({', '.join(heads)}), which also "
+                           "trains whole; peft cannot load such an adapter: use --format merged, or train again "
+                           "(lrbench no longer adapts the head's layers)")
+
+
 def head_tensors(model: nn.Module, heads: list[str]) -> dict[str, torch.Tensor]:
     """The head's parameters under peft's `modules_to_save` naming (`base_model.model.classifier.dense.weight`)."""
     from lowrank_bench.methods.base import is_head
@@ -143,14 +175,14 @@ def base_model_reference(model_cfg) -> str | None:
     """Where the base weights come from, as `from_pretrained` takes it; None for a model built from its config."""
     from lowrank_bench import models
 
+    if model_cfg.source == "hub":  # (a model.path is this machine's copy of it: the Hub id is what others can load)
+        return str(model_cfg.id)
     if model_cfg.get("path"):
         return str(Path(str(model_cfg.path)).expanduser().resolve())
     if model_cfg.get("gguf_file"):
         return str(models.gguf_cache_folder(model_cfg))
     if model_cfg.source == "package":
         return models.package_folder(str(model_cfg.id))
-    if model_cfg.source == "hub":
-        return str(model_cfg.id)
     return None
 
 
@@ -158,6 +190,8 @@ def describe_base(model_cfg, seed: int) -> str:
     where = base_model_reference(model_cfg)
     if model_cfg.source == "package":
         return f"{model_cfg.name} (package `{model_cfg.id}`, {where})"
+    if model_cfg.source == "hub" and model_cfg.get("path"):
+        return f"{model_cfg.name} (Hub `{where}`, read by the run from `{model_cfg.path}`)"
     if where:
         return f"{model_cfg.name} (`{where}`)"
     return f"{model_cfg.name} (built from its config with random weights under seed {seed}: no checkpoint exists)"
@@ -199,6 +233,7 @@ def peft_adapter_of_lora_run(setup, run_cfg: DictConfig):
 
     layers = adapted_layers(setup.model)
     heads = head_module_names(setup)
+    check_head_not_adapted(layers, heads)
     config = peft_config_of_lora_run(setup, run_cfg, heads, any(layer.fan_in_fan_out for layer in layers.values()))
     return config, {**lora_tensors(setup.model), **head_tensors(setup.model, heads)}
 
@@ -212,6 +247,7 @@ def peft_adapter_of_peft_run(setup, run_cfg: DictConfig):
     heads = head_module_names(setup)
     config = copy.deepcopy(peft_model.peft_config["default"])
     state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    check_head_not_adapted([k.removeprefix(PEFT_PREFIX) for k in state], heads)
     tensors = {PEFT_PREFIX + exported_name(k.removeprefix(PEFT_PREFIX), inner): v for k, v in state.items()}
     config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads)) or None
     config.task_type = head_kind(setup.curriculum.head).peft_task_type
@@ -307,7 +343,7 @@ def exported_tokenizer(tokenizer, decoder_classifier: bool):
     return tokenizer
 
 
-def write_merged(setup, run_cfg: DictConfig, folder: Path) -> None:
+def write_merged(setup, run_cfg: DictConfig, folder: Path, dtype: str = "fp32") -> None:
     from lowrank_bench.heads import DecoderClassifier
 
     model = merged_backbone(setup)
@@ -316,8 +352,96 @@ def write_merged(setup, run_cfg: DictConfig, folder: Path) -> None:
         model = as_sequence_classifier(model, setup.tokenizer.pad_token_id, setup.curriculum.head.regression)
     auto = head_kind(setup.curriculum.head).auto_class
     drop_foreign_modules(model, auto)
-    model.save_pretrained(str(folder))
+    name_labels(model.config, label_names(setup))
+    model.to(DTYPES[dtype]).save_pretrained(str(folder))
     exported_tokenizer(setup.tokenizer, decoder_classifier).save_pretrained(str(folder))
+
+
+# -- labels ------------------------------------------------------------------------------------------------------
+def label_names(setup) -> list[str] | None:
+    """The task's class names in id order, when it names them and they fit its head (None for a causal LM)."""
+    head = setup.curriculum.head
+    if not head_kind(head).labelled or head.regression:
+        return None
+    names = setup.curriculum.task.label_names()
+    return names if names and len(names) == head.num_labels else None
+
+
+def name_labels(config, names: list[str] | None) -> None:
+    """id2label / label2id of a transformers config (LABEL_0, ... stay where the task has no names)."""
+    if names:
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: i for i, name in enumerate(names)}
+
+
+# -- checking the export ----------------------------------------------------------------------------------------
+def probe_inputs(setup, decoder: bool) -> dict[str, torch.Tensor]:
+    """A few of the task's evaluation examples, as the exported model takes them (a decoder's without
+    token_type_ids, which transformers' GPT-2 would add to its embeddings; our decoder classifier drops them)."""
+    task = setup.curriculum.task
+    examples = task.splits.get(task.eval_splits[0]) or task.train_examples()
+    batch = task.collate(examples[:PROBE_EXAMPLES])
+    keys = ("input_ids", "attention_mask") if decoder else ("input_ids", "attention_mask", "token_type_ids")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def precision(dtype: str, model: nn.Module) -> torch.dtype:
+    """The coarser of the export's precision and the run's (a run trained in bf16 is checked as bf16)."""
+    held = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return max({DTYPES[dtype], *held}, key=lambda d: torch.finfo(d).eps)
+
+
+def reloaded_peft(setup, folder: Path) -> nn.Module:
+    """The adapter in `folder` loaded by peft over the run's own base weights (its adapters taken out) with the head
+    zeroed, so that the head too must come from the adapter."""
+    from peft import PeftModel
+
+    from lowrank_bench.heads import DecoderClassifier
+    from lowrank_bench.methods.base import is_head
+
+    heads = head_module_names(setup)
+    base = setup.model.unload() if isinstance(setup.model, PeftModel) else setup.model
+    replace_adapted_layers(base)
+    if isinstance(base, DecoderClassifier):
+        base = as_sequence_classifier(base, setup.tokenizer.pad_token_id, setup.curriculum.head.regression)
+    for name, param in base.named_parameters():
+        if is_head(name, heads):
+            param.zero_()
+    return PeftModel.from_pretrained(base, str(folder)).eval()
+
+
+def reloaded_merged(setup, folder: Path) -> nn.Module:
+    """The merged model in `folder` loaded by transformers alone, as the model card says."""
+    import transformers
+
+    auto = getattr(transformers, head_kind(setup.curriculum.head).auto_class)
+    return auto.from_pretrained(str(folder)).eval()
+
+
+def check_reproduces(fmt: str, setup, folder: Path, inputs: dict, ours: torch.Tensor, dtype: torch.dtype) -> float:
+    """Load the export back and compare its logits with the run's; returns the largest difference."""
+    from lowrank_bench import models
+
+    loader = reloaded_peft if fmt == "peft" else reloaded_merged
+    library = "peft" if fmt == "peft" else "transformers"
+    try:
+        theirs = loader(setup, folder)
+    except LrbenchError:
+        raise
+    except Exception as err:  # noqa: BLE001 (whatever the library raises: the export does not load)
+        raise LrbenchError(f"the {fmt} export does not load with {library} ({type(err).__name__}: "
+                           f"{models.first_line(err)}); nothing was written") from None
+    logits = theirs(**inputs).logits.float()
+    if logits.shape != ours.shape:
+        raise LrbenchError(f"the {fmt} export, loaded with {library}, gives logits of shape {tuple(logits.shape)}, "
+                           f"the run {tuple(ours.shape)}; nothing was written")
+    difference = (logits - ours).abs().max().item()
+    limit = TOLERANCE[dtype] * max(1.0, ours.abs().max().item())
+    if not difference <= limit:  # (NaN included)
+        raise LrbenchError(f"the {fmt} export, loaded with {library}, gives logits that differ from the run's by "
+                           f"{difference:.2e} (tolerance {limit:.1e} in {str(dtype).removeprefix('torch.')}); "
+                           "nothing was written")
+    return difference
 
 
 # -- model card --------------------------------------------------------------------------------------------------
@@ -350,15 +474,20 @@ def usage(fmt: str, auto: str, base: str | None, base_kwargs: str) -> str:
             f"model = PeftModel.from_pretrained(base, \"<this folder>\")\n```")
 
 
-def base_kwargs(head, pad_token_id: int | None, decoder: bool) -> str:
-    """The keyword arguments that give the base model the trained head's shape (and a decoder its pad token)."""
+def base_kwargs(head, pad_token_id: int | None, decoder: bool, labels: list[str] | None = None) -> str:
+    """The keyword arguments that give the base model the trained head's shape and class names (and a decoder its
+    pad token)."""
     if head.kind == "causal_lm":
         return ""
-    out = f", num_labels={1 if head.regression else head.num_labels}"
+    if labels:
+        out = f", id2label={dict(enumerate(labels))!r}"
+    else:
+        out = f", num_labels={1 if head.regression else head.num_labels}"
     return out + (f", pad_token_id={pad_token_id}" if decoder and head.kind == "sequence_classification" else "")
 
 
-def model_card(run_cfg: DictConfig, summary: dict, fmt: str, head, pad_token_id: int | None) -> str:
+def model_card(run_cfg: DictConfig, summary: dict, fmt: str, head, pad_token_id: int | None,
+               labels: list[str] | None = None, dtype: str = "fp32") -> str:
     """README.md of an export: what was trained, how well, with which code, and how to load it."""
     method = run_cfg.method
     rank = summary.get("rank", method.get("r", ""))
@@ -372,13 +501,15 @@ def model_card(run_cfg: DictConfig, summary: dict, fmt: str, head, pad_token_id:
         f"- base model: {describe_base(run_cfg.model, run_cfg.seed)}",
         f"- method: {method.name}" + (f", rank {rank}" if rank not in ("", None) else ""),
         f"- task: {run_cfg.task.name} (metric: {summary.get('metric', '?')}), seed {run_cfg.seed}",
+        *([f"- labels: {', '.join(labels)}"] if labels else []),
+        *([f"- weights in {dtype}"] if fmt == "merged" else []),
         (f"- lrbench version {summary.get('lrbench', lrbench_version())}, "
          f"commit of the run: {summary.get('git_commit', 'unknown')}"),
         *(["- the run's last evaluation predicted a single class (`degenerate` in its summary)"]
           if summary.get("degenerate") else []),
         "", "## Metrics of the run", "", "| measure | value |", "|---|---|", *metric_lines(summary),
         "", "## Loading", "",
-        usage(fmt, head_kind(head).auto_class, base, base_kwargs(head, pad_token_id, decoder)), "",
+        usage(fmt, head_kind(head).auto_class, base, base_kwargs(head, pad_token_id, decoder, labels)), "",
     ]
     if decoder and head.kind == "sequence_classification":
         lines += [("The classifier reads the last non-pad token: pad on the right and pass no token_type_ids "
@@ -423,19 +554,30 @@ def staged_folder(out: Path, overwrite: bool):
         shutil.rmtree(replaced, ignore_errors=True)
 
 
-def export(run_dir, fmt: str, out, overwrite: bool = False) -> Path:
-    """Export the run in `run_dir` as `fmt` into the folder `out` (see the module docstring); returns `out`."""
+def export(run_dir, fmt: str, out, overwrite: bool = False, dtype: str = "fp32") -> Path:
+    """Export the run in `run_dir` as `fmt` (merged weights in `dtype`) into the folder `out`, once it loads back and
+    reproduces the run's logits (see the module docstring); returns `out`."""
+    from lowrank_bench import models
+
     run_dir, out = Path(run_dir).expanduser(), Path(out).expanduser()
     check_destination(out, overwrite)
     run_cfg = run_config(run_dir)
-    check_format(run_cfg, fmt)
+    check_format(run_cfg, fmt, dtype)
     summary = run_summary(run_dir)  # (read before the slow rebuild: a damaged one is refused at once)
     setup, run_cfg = load_run(run_dir)
     with torch.no_grad(), staged_folder(out, overwrite) as folder:
         setup.model.eval()
-        (write_peft if fmt == "peft" else write_merged)(setup, run_cfg, folder)
-        card = model_card(run_cfg, summary, fmt, setup.curriculum.head, setup.tokenizer.pad_token_id)
+        inputs = probe_inputs(setup, models.is_decoder(run_cfg.model))
+        ours = setup.model(**inputs).logits.float()  # (before the writers merge and move the model's modules)
+        checked_in = precision(dtype, setup.model)
+        if fmt == "peft":
+            write_peft(setup, run_cfg, folder)
+        else:
+            write_merged(setup, run_cfg, folder, dtype)
+        card = model_card(run_cfg, summary, fmt, setup.curriculum.head, setup.tokenizer.pad_token_id,
+                          label_names(setup), dtype)
         (folder / "README.md").write_text(card)
+        check_reproduces(fmt, setup, folder, inputs, ours, checked_in)
     return out
 
 
@@ -447,6 +589,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="peft: adapter_config.json + adapter_model.safetensors; merged: a full transformers model")
     parser.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
+                        help="precision of a merged model's weights (default fp32); checked against the run's logits "
+                             "within " + ", ".join(f"{k} {TOLERANCE[v]:g}" for k, v in DTYPES.items())
+                             + " (times max(1, max |logit|))")
     return parser.parse_args(argv)
 
 
@@ -455,11 +601,11 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     try:
-        out = export(args.run_dir, args.fmt, args.out, args.overwrite)
+        out = export(args.run_dir, args.fmt, args.out, args.overwrite, args.dtype)
     except LrbenchError as err:
         print_refusal(err)
         sys.exit(2)
-    console.print(f"exported {args.run_dir} as {args.fmt} to {out}")
+    console.print(f"exported {args.run_dir} as {args.fmt} to {out} (reloaded and checked against the run's logits)")
 
 
 if __name__ == "__main__":

@@ -224,6 +224,10 @@ class Task:
         """Counts the task adds to the run's result row (SFT: examples kept, left out, cut)."""
         return {}
 
+    def label_names(self) -> list[str] | None:
+        """The classes' names in id order (an exported model's id2label); None where they have none."""
+        return None
+
     # -- data ---------------------------------------------------------------------------------------------------
     def raw_split(self, split: str) -> list[Example]:
         raise NotImplementedError

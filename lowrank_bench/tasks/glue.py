@@ -29,6 +29,10 @@ from lowrank_bench.tasks.base import ClassificationTask, Example, check_label, h
 
 HUB_DATASET = "nyu-mll/glue"
 NLI2 = ("entailment", "not_entailment")
+#: class names of the tasks whose TSV labels are ids, as the Hub dataset's ClassLabel names them
+CLASS_NAMES = {"cola": ("unacceptable", "acceptable"), "sst2": ("negative", "positive"),
+               "mrpc": ("not_equivalent", "equivalent"), "qqp": ("not_duplicate", "duplicate"),
+               "wnli": ("not_entailment", "entailment")}
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,10 @@ class GlueTask(ClassificationTask):
         self.metric = cfg.get("metric") or self.spec.metric
         self.eval_splits = tuple(self.spec.splits)
         self.folder = self.local_folder()
+
+    def label_names(self) -> list[str] | None:
+        names = self.spec.label_names or CLASS_NAMES.get(self.cfg.subset)  # STS-B (a score): none
+        return list(names) if names else None
 
     # -- where the data is ------------------------------------------------------------------------------------
     def local_folder(self) -> Path | None:

@@ -350,6 +350,9 @@ class NerTask(Task):
         super().prepare(tokenizer, max_length)
         self.report(max_length)
 
+    def label_names(self) -> list[str]:
+        return list(self.labels)  # known once prepared (the training data's tags)
+
     def read_labels(self) -> list[str]:
         tags = {t for s in self.raw_split(self.train_split) for t in s["tags"]}
         return label_order(tags | set(self.feature_names))

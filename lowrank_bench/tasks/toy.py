@@ -42,5 +42,8 @@ class ToySentiment(ClassificationTask):
     def source_id(self) -> str:
         return "embedded-v1"
 
+    def label_names(self) -> list[str]:
+        return ["negative", "positive"]  # label 1: a positive adjective, or a negated negative one
+
     def raw_split(self, split: str) -> list[Example]:
         return generate(split, SIZES[split])
