@@ -21,8 +21,6 @@ CASES = [
     Case("grad_accum above an epoch's batches", "lrbench", (*SMALL, "trainer.grad_accum=100"), 2,
          ("trainer.grad_accum=100", "the 2 batch(es) of one epoch of toy/sentiment", "64 training examples",
           "trainer.batch_size=32", "valid: trainer.grad_accum <= 2")),
-    Case("grad_accum above an epoch's batches (subprocess)", "lrbench", (*SMALL, "trainer.grad_accum=3"), 2,
-         ("trainer.grad_accum=3", "2 batch(es)", "valid: trainer.grad_accum <= 2"), via="python -m"),
     Case("grad_accum above an epoch's batches, max_steps", "lrbench",
          (*SMALL, "trainer.grad_accum=4", "trainer.max_steps=3"), 2, ("trainer.grad_accum=4", "<= 2")),
     Case("grad_accum above the lower level's batches", "lrbench",

@@ -131,8 +131,6 @@ CASES = [
     # item 7: the model's family for the task
     FileCase("encoder for e2e", "lrbench", (*TINY[:1], "task=e2e", "logger=none"), 2,
              ("task e2e needs a decoder (causal LM)", "model=tiny-roberta is an encoder", "decoders:", "tiny-gpt2")),
-    FileCase("encoder for e2e (subprocess)", "lrbench", (*TINY[:1], "task=e2e", "logger=none"), 2,
-             ("task e2e needs a decoder", "is an encoder"), via="python -m"),
     FileCase("encoder for sft/math", "lrbench", (*TINY[:1], "task=sft/math", "logger=none"), 2,
              ("task sft/math needs a decoder (causal LM)", "model=tiny-roberta is an encoder", "smollm2-135m")),
     FileCase("encoder for sft with eval=mc", "lrbench", (*TINY[:1], "task=sft/law", "eval=mc/mmlu_law", "logger=none"),
