@@ -20,7 +20,8 @@ def require(module: str, extra: str, needed_by: str, instead: str = "") -> Modul
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as err:
-        raise LrbenchError(f"{needed_by} needs {err.name or module}, which is not installed: "
+        missing = (err.name or module).partition(".")[0]  # the distribution's package, not a submodule of it
+        raise LrbenchError(f"{needed_by} needs {missing}, which is not installed: "
                            f"{install_hint(extra)}{instead}") from None
 
 
