@@ -25,8 +25,8 @@ The exported model's config names the classes (`id2label`, `label2id`) as the ta
 Nothing is half-written, and nothing that does not load: the export is built in a hidden folder beside `--out`,
 loaded back from there as a user would (peft: `PeftModel.from_pretrained` over the run's own base weights, the head
 emptied so that it must come from the adapter; merged: `AutoModelFor....from_pretrained` alone), and its logits on
-a few of the task's examples compared with the run's. Only then is it renamed into place; a load that fails or a
-difference above `TOLERANCE` is one line and leaves `--out` as it was.
+a few of the task's training examples compared with the run's. Only then is it renamed into place; a load that
+fails or a difference above `TOLERANCE` is one line and leaves `--out` as it was.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: bf16 0.021 (MiniLM-L6) and 0.025 (SmolLM2-135M, 30 layers); fp16 0.002 and 0.013. A head or update that did not
 #: load moves the logits by their own size.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 1e-1}
-PROBE_EXAMPLES = 4  # the task's evaluation examples an export is checked on
+PROBE_EXAMPLES = 4  # the task's training examples an export is checked on
 
 
 # -- rebuilding a run --------------------------------------------------------------------------------------------
@@ -376,11 +376,11 @@ def name_labels(config, names: list[str] | None) -> None:
 
 # -- checking the export ----------------------------------------------------------------------------------------
 def probe_inputs(setup, decoder: bool) -> dict[str, torch.Tensor]:
-    """A few of the task's evaluation examples, as the exported model takes them (a decoder's without
-    token_type_ids, which transformers' GPT-2 would add to its embeddings; our decoder classifier drops them)."""
+    """A few of the task's training examples (what every task collates as model input; E2E's evaluation split holds
+    prompts to generate from), as the exported model takes them: a decoder's without token_type_ids, which
+    transformers' GPT-2 would add to its embeddings (our decoder classifier drops them)."""
     task = setup.curriculum.task
-    examples = task.splits.get(task.eval_splits[0]) or task.train_examples()
-    batch = task.collate(examples[:PROBE_EXAMPLES])
+    batch = task.collate(task.train_examples()[:PROBE_EXAMPLES])
     keys = ("input_ids", "attention_mask") if decoder else ("input_ids", "attention_mask", "token_type_ids")
     return {k: batch[k] for k in keys if k in batch}
 
