@@ -36,6 +36,8 @@ CASES = [
     # 3. typos: a setting no config has is named, with the closest real one
     lrbench(*TINY, "+trainer.max_step=2", id="typo +trainer.max_step",
             words=("unknown setting trainer.max_step", "did you mean trainer.max_steps?")),
+    lrbench(*TINY, "+trainer.max_step=2", id="typo +trainer.max_step (subprocess)", via="python -m",
+            words=("unknown setting trainer.max_step", "did you mean trainer.max_steps?")),
     lrbench(*TINY, "++trainer.max_step=2", id="typo ++trainer.max_step",
             words=("unknown setting trainer.max_step", "did you mean trainer.max_steps?")),
     lrbench(*TINY, "+method.rr=8", id="typo +method.rr", words=("unknown setting method.rr", "did you mean method.r?")),
