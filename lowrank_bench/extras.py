@@ -3,6 +3,7 @@ the extra that installs it, never a traceback from deep in a run."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 from lowrank_bench.errors import LrbenchError
@@ -25,11 +26,15 @@ def require(module: str, extra: str, needed_by: str, instead: str = "") -> Modul
                            f"{install_hint(extra)}{instead}") from None
 
 
+def check_installed(module: str, extra: str, needed_by: str) -> None:
+    """The same refusal as `require`, before any work and without importing the module (wandb takes seconds)."""
+    if importlib.util.find_spec(module) is None:
+        raise LrbenchError(f"{needed_by} needs {module}, which is not installed: {install_hint(extra)}")
+
+
 def launcher_hint(message: str) -> str:
     """What to add to Hydra's "Could not load 'hydra/launcher/submitit_slurm'" when the plugin is what is missing
     (hydra/launcher=slurm, submitit_local, submitit_slurm): the extra that installs it; else nothing."""
-    import importlib.util
-
     if "hydra/launcher/submitit" not in message or importlib.util.find_spec(SUBMITIT_PLUGIN) is not None:
         return ""
     return f" (hydra-submitit-launcher is not installed: {install_hint('slurm')})"

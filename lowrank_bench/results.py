@@ -22,6 +22,7 @@ from rich.table import Table
 
 from lowrank_bench.console import out as stdout_console
 from lowrank_bench.errors import LrbenchError
+from lowrank_bench.extras import require
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LEADING_COLUMNS = ["timestamp", "method", "model", "task", "seed", "rank", "trainable_params", "adapter_params",
@@ -503,7 +504,7 @@ class WandbLogger:
     summary and the adapter file as a `model` artifact at the end."""
 
     def __init__(self, cfg, run_dir: Path):
-        import wandb
+        wandb = require("wandb", "wandb", "logger=wandb")
 
         lc = cfg.logger
         self.run_dir = run_dir

@@ -16,6 +16,7 @@ import re
 from omegaconf import DictConfig, OmegaConf
 
 from lowrank_bench.errors import LrbenchError
+from lowrank_bench.extras import check_installed
 
 NUMBER, INTEGER, CHOICE, FLAG = "a number", "an integer", "one of", "true or false"
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -100,6 +101,9 @@ def check(cfg: DictConfig) -> None:
     if cfg.model.get("path") and cfg.model.get("source") == "config":
         raise LrbenchError(f"model.path={cfg.model.path} does not apply to model={cfg.model.name}, which is built "
                            f"from its config (source: config); choose a model with source hub or path")
+    if OmegaConf.select(cfg, "logger.name", default=None) == "wandb" \
+            and OmegaConf.select(cfg, "logger.mode", default=None) != "disabled":
+        check_installed("wandb", "wandb", "logger=wandb")
 
 
 def check_values(cfg: DictConfig, named=lambda key: key) -> None:

@@ -187,3 +187,17 @@ def test_a_missing_launcher_plugin_names_the_slurm_extra(monkeypatch):
     assert extras.launcher_hint(hydra_says) == \
         " (hydra-submitit-launcher is not installed: pip install 'lowrank_bench[slurm]')"
     assert extras.launcher_hint("In 'method/lora': Could not load 'method/nope'.") == ""
+
+
+def test_logger_wandb_without_wandb_is_refused_before_any_work(monkeypatch):
+    from conftest import compose_cfg
+
+    from lowrank_bench import validate
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(LrbenchError) as err:
+        validate.check(compose_cfg("logger=wandb"))
+    assert str(err.value) == "logger=wandb needs wandb, which is not installed: pip install 'lowrank_bench[wandb]'"
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # nothing to log to: nothing needed
+    validate.check(compose_cfg("logger=wandb"))
