@@ -11,8 +11,17 @@ cost is no overlap of communication with the backward pass, small for adapters (
 The bi-level step reduces v before its finite difference and the difference after it
 (`hypergradient.hypergradient` with its `sum_`).
 
-Rank 0 alone writes files, rows and checkpoints and shows progress. Evaluation runs on every rank (the same
-numbers; no rank waits on another).
+Rank 0 alone writes files, rows and checkpoints and shows progress.
+
+Evaluation is sharded (`eval_batches`, `gather_shares`): a split is cut into batches of `eval_batch_size` exactly as
+one process cuts it, each rank computes a contiguous run of those batches (the first ranks one more when they do
+not divide), and the per-example results (predictions, generated tokens, per-batch loss sums) are gathered in
+rank order, which is the split's order. Every rank then computes the metric on the whole split, each example
+counted once (no padding examples, as DistributedSampler would add), and every batch is the batch one process
+computes (the same rows, the same padding): the metric equals a single process's, and the ranks agree on every
+decision taken from it (best step, divergence). Sharded: classification, NER, SFT loss and token accuracy, E2E
+generation, strided perplexity. Left whole on every rank: the single-window perplexity (one forward pass) and the
+multiple-choice evaluations after training.
 """
 from __future__ import annotations
 
@@ -112,6 +121,20 @@ class DataParallel:
         if self.active:
             dist.barrier()
 
+    # -- sharded evaluation ----------------------------------------------------------------------------------------
+    def share(self, n: int) -> range:
+        """This rank's contiguous part of n items, in order: the first n % world ranks take one more."""
+        base, extra = divmod(n, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return range(start, start + base + (self.rank < extra))
+
+    def gather_shares(self, mine: list) -> list:
+        """Every rank's list, concatenated in rank order, on every rank: for lists made over `share`'s ranges,
+        the whole in its original order."""
+        if not self.active:
+            return list(mine)
+        return [item for part in self.gather(list(mine)) for item in part]
+
 
 SINGLE = DataParallel()
 _current = SINGLE
@@ -119,6 +142,26 @@ _current = SINGLE
 
 def current() -> DataParallel:
     return _current
+
+
+_evaluated = 0  # examples this process evaluated since `take_evaluated` last read it
+
+
+def eval_batches(n: int, batch_size: int) -> list[range]:
+    """The rows [0, n) cut in batches of `batch_size` as one process cuts them, and of those, this rank's
+    contiguous share (all of them in one process); the rows are counted for `take_evaluated`."""
+    global _evaluated
+    batches = [range(first, min(first + batch_size, n)) for first in range(0, n, batch_size)]
+    mine = [batches[i] for i in current().share(len(batches))]
+    _evaluated += sum(len(b) for b in mine)
+    return mine
+
+
+def take_evaluated() -> int:
+    """How many examples this process evaluated (`eval_batches`) since the last call; the count restarts."""
+    global _evaluated
+    count, _evaluated = _evaluated, 0
+    return count
 
 
 def launched_world() -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lowrank_bench import assembly, models, progress, results, validate
+from lowrank_bench import assembly, distributed, models, progress, results, validate
 from lowrank_bench.assembly import run_folder
 from lowrank_bench.devices import autocast_for, pick_device
 from lowrank_bench.errors import LrbenchError
@@ -64,21 +64,28 @@ def run_config(cfg: DictConfig, folder: Path, overridden: set[str]) -> DictConfi
 
 
 def evaluate_run(cfg: DictConfig, out_dir: Path, overridden: set[str]) -> dict:
-    """Score a saved run; write its row and summary.json (this command's folder). Returns the row."""
+    """Score a saved run; write its row and summary.json (this command's folder). Returns the row. Under torchrun
+    the ranks share the evaluation batches (distributed.py) and rank 0 alone writes, into its folder."""
     validate.check(cfg)
     started = time.perf_counter()
+    dp = distributed.current()
+    out_dir = distributed.main_folder(out_dir)
     folder, adapter = saved_files(cfg)
     run_cfg = run_config(cfg, folder, overridden)
     progress.configure(run_cfg.trainer)
     trained = assembly.read_summary(folder, setting_of(cfg))
-    results.preflight(Path(cfg.results_csv), out_dir)  # the row can be written: checked before anything slow
+    if dp.is_main:
+        results.preflight(Path(cfg.results_csv), out_dir)  # the row can be written: checked before anything slow
     setup = assembly.rebuild(run_cfg, adapter)
-    device = pick_device(run_cfg.trainer.device)
+    device = pick_device(run_cfg.trainer.device, dp)
     precision, autocast = autocast_for(device, run_cfg.trainer.precision)
+    distributed.take_evaluated()
     with MemoryMonitor(device) as memory:
         model = setup.model.to(device)
         metric, measured = setup.curriculum.score(model, batch_size=run_cfg.trainer.eval_batch_size, device=device,
                                                   autocast=autocast)
+    if dp.active:  # how the evaluation was shared out
+        measured["eval_examples_by_rank"] = dp.gather(distributed.take_evaluated())
     tables = {k: v for k, v in measured.items() if isinstance(v, (dict, list))}  # summary.json only
     measured = {k: v for k, v in measured.items() if k not in tables}
     row = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "mode": "eval",
@@ -90,7 +97,8 @@ def evaluate_run(cfg: DictConfig, out_dir: Path, overridden: set[str]) -> dict:
            "wall_time_s": round(time.perf_counter() - started, 3), "peak_mem_mb": memory.megabytes,
            "peak_mem_kind": memory.kind, "device": results.device_name(device), "precision": precision,
            **results.provenance(), "run_dir": str(out_dir)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results.write_run_files(run_cfg, out_dir, row, tables)
-    results.append_row(Path(cfg.results_csv), row)
+    if dp.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results.write_run_files(run_cfg, out_dir, row, tables)
+        results.append_row(Path(cfg.results_csv), row)
     return row

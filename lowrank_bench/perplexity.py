@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_bench import progress
+from lowrank_bench import distributed, progress
 from lowrank_bench.hub import load_dataset
 from lowrank_bench.errors import LrbenchError, choices
 
@@ -193,20 +193,32 @@ def strided_perplexity(model, input_ids, context: int, stride: int, device="cpu"
         raise LrbenchError(f"perplexity.stride={stride} with perplexity.context={context}; windows would skip "
                            f"tokens: choose 1 <= stride <= {context} (context // 2 = {context // 2} is usual)")
     ids = as_sequence(input_ids)
-    n_tokens = len(ids)
-    total_nll, n_scored, scored_until = 0.0, 0, 0
-    with evaluating(model), progress.bar("perplexity", window_count(n_tokens, context, stride)) as advance:
-        for begin in range(0, n_tokens, stride):
-            end = min(begin + context, n_tokens)
-            # tokens before `scored_until` were scored by an earlier window; position 0 of a window never can be
-            first_scored = max(scored_until - begin, 1)
-            total_nll += window_nll(model, ids[begin:end], first_scored, device, autocast)
-            n_scored += end - begin - first_scored
-            scored_until = end
+    plan = windows(len(ids), context, stride)
+    # data parallel: each rank scores a contiguous share of the windows; the sums are added in the windows' order
+    mine = [plan[i] for rows in distributed.eval_batches(len(plan), 1) for i in rows]
+    nlls = []
+    with evaluating(model), progress.bar("perplexity", len(mine)) as advance:
+        for begin, end, first_scored in mine:
+            nlls.append(window_nll(model, ids[begin:end], first_scored, device, autocast))
             advance()
-            if end == n_tokens:
-                break
-    return result(total_nll, n_scored)
+    total_nll = 0.0
+    for nll in distributed.current().gather_shares(nlls):
+        total_nll += nll
+    return result(total_nll, sum(end - begin - first_scored for begin, end, first_scored in plan))
+
+
+def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each window `strided_perplexity` scores, up to the first that
+    reaches the end of the corpus."""
+    out, scored_until = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + context, n_tokens)
+        # tokens before `scored_until` were scored by an earlier window; position 0 of a window never can be
+        out.append((begin, end, max(scored_until - begin, 1)))
+        scored_until = end
+        if end == n_tokens:
+            break
+    return out
 
 
 def window_count(n_tokens: int, context: int, stride: int) -> int:

@@ -525,9 +525,12 @@ class Trainer:
                                  autocast=self.autocast)
 
     def evaluate(self, stage: Stage, logs: dict) -> dict:
+        distributed.take_evaluated()  # from here on, this evaluation's examples
         metrics = self.evaluate_task(stage.task)
         record = {"step": self.history.train_steps, "epoch": self.epoch, "stage": stage.name,
                   **{f"train_{k}": v for k, v in logs.items()}, **metrics}
+        if self.dp.active:  # how the evaluation was shared out (distributed.eval_batches)
+            record["eval_examples_by_rank"] = self.dp.gather(distributed.take_evaluated())
         self.history.evals.append(record)
         self.write_record(record)
         return record

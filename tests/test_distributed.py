@@ -1,6 +1,8 @@
 """Data parallel: the reduced hypergradient is the hypergradient on one rank; `torchrun --nproc_per_node=2` on the
 CPU (gloo) follows the single-process loss trajectory on the same global batch, for lora and bidora; rank 0 alone
-writes its folder and its row."""
+writes its folder and its row. Evaluation is sharded: each rank takes a contiguous run of the batches one process
+makes, and every evaluation path (classification, NER, SFT, E2E generation, strided perplexity) gives the
+single-process result exactly; `mode=eval` on two ranks gives the single-process run's last metrics."""
 from __future__ import annotations
 
 import json
@@ -12,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowrank_bench import distributed
+from lowrank_bench.distributed import DataParallel
 from lowrank_bench.hypergradient import MODES, hypergradient
 from lowrank_bench.results import read_rows
 from tests.conftest import ROOT
@@ -83,7 +87,8 @@ def test_two_weighted_halves_summed_give_the_hypergradient_of_the_whole():
 # No dropout (its masks depend on how a batch is split), 90 examples in global batches of 25: shares of 13 and 12
 # examples, then 8 and 7 for the short last batch of each pass.
 DP_RUN = ["model=tiny-roberta", "task.max_train_samples=90", "task.max_eval_samples=64", "trainer.batch_size=25",
-          "trainer.max_steps=8", "trainer.eval_every=1", "trainer.progress=false", "trainer.device=cpu",
+          "trainer.max_steps=8", "trainer.eval_every=1", "trainer.eval_batch_size=16", "trainer.progress=false",
+          "trainer.device=cpu",
           "++model.config.hidden_dropout_prob=0.0", "++model.config.attention_probs_dropout_prob=0.0"]
 
 
@@ -122,3 +127,60 @@ def test_torchrun_on_two_cpu_processes_follows_the_single_process_losses(tmp_pat
     rows = read_rows(double_out / "runs.csv")
     assert len(rows) == 1 and rows[0]["train_samples"] == read_rows(single_out / "runs.csv")[0]["train_samples"]
     assert double.stdout.count("trainable_params") == 1  # the summary table: rank 0's only
+    # 64 evaluation examples in 4 batches of 16: two batches each
+    assert all(r["eval_examples_by_rank"] == [32, 32] for r in ours) and "eval_examples_by_rank" not in theirs[0]
+
+
+# -- sharded evaluation --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_the_ranks_shares_are_contiguous_in_order_and_differ_by_at_most_one(world):
+    for n in range(12):
+        shares = [DataParallel(rank, world).share(n) for rank in range(world)]
+        assert [i for share in shares for i in share] == list(range(n))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_two_ranks_take_the_single_process_batches_between_them_and_count_their_rows(monkeypatch):
+    alone = distributed.eval_batches(50, 8)
+    assert distributed.take_evaluated() == 50 and [len(b) for b in alone] == [8] * 6 + [2]
+    taken = []
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "_current", DataParallel(rank, 2))
+        taken.append(distributed.eval_batches(50, 8))
+    assert taken[0] + taken[1] == alone and distributed.take_evaluated() == 50  # 32 + 18, no padding row
+    assert [sum(map(len, t)) for t in taken] == [32, 18] and distributed.take_evaluated() == 0
+
+
+def torchrun(tmp: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           script, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_every_sharded_evaluation_on_two_ranks_equals_one_process_alone(tmp_path):
+    """tests/sharded_eval.py: each rank scores its share, then the whole split alone, on the same weights."""
+    done = torchrun(tmp_path, str(ROOT / "tests" / "sharded_eval.py"), str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # examples (batches) per rank, by hand: toy 50 in 7 batches of 8 (4 + 3 batches); NER 3 sentences, SFT 6 held
+    # out of 12, E2E 3 MRs, one per batch; strided perplexity 11 windows of 90 tokens (context 16, stride 8)
+    expected = {"classification": (32, 18), "ner": (2, 1), "sft": (3, 3), "e2e": (2, 1), "perplexity": (6, 5)}
+    for path, counts in expected.items():
+        assert all(report[path]["equal"] for report in reports), (path, reports[0][path]["value"])
+        assert tuple(report[path]["taken"] for report in reports) == counts, path
+
+
+@pytest.mark.slow
+def test_evaluating_a_saved_run_on_two_ranks_gives_its_single_process_numbers(tmp_path):
+    single, single_out = launch(tmp_path, "single", 1, [*DP_RUN, "method=lora"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    (trained,) = read_rows(single_out / "runs.csv")
+    evaluated, out = launch(tmp_path, "eval", 2, ["mode=eval", f"run_dir={trained['run_dir']}", "trainer.device=cpu",
+                                                  "trainer.eval_batch_size=16", "trainer.progress=false"])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    (row,) = read_rows(out / "runs.csv")  # rank 0's row only
+    assert row["mode"] == "eval" and row["accuracy"] == trained["last_accuracy"]
+    (folder,) = list((out / "runs").iterdir())  # rank 1's folder is gone
+    assert json.loads((folder / "summary.json").read_text())["eval_examples_by_rank"] == [32, 32]

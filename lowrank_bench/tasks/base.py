@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from lowrank_bench import metrics, progress
+from lowrank_bench import distributed, metrics, progress
 from lowrank_bench.errors import LrbenchError
 from lowrank_bench.models import Head
 from lowrank_bench.models import cache_dir as models_cache_dir
@@ -276,6 +276,12 @@ class Task:
         return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
                           generator=generator)
 
+    def eval_loader(self, split: str, batch_size: int) -> DataLoader:
+        """This rank's share of the split's evaluation batches, in order (distributed.eval_batches: the batches one
+        process makes; all of them in one process). What it yields is gathered with `DataParallel.gather_shares`."""
+        batches = distributed.eval_batches(len(self.splits[split]), batch_size)
+        return DataLoader(self.splits[split], batch_sampler=[list(b) for b in batches], collate_fn=self.collate)
+
     def evaluate(self, model, split: str, batch_size: int = 64, device="cpu", autocast=None) -> dict[str, float]:
         raise NotImplementedError
 
@@ -309,14 +315,15 @@ class ClassificationTask(Task):
         was_training = model.training
         model.eval()
         preds, labels = [], []
-        for batch in progress.track(self.loader(split, batch_size), f"evaluating {self.name}"):
+        for batch in progress.track(self.eval_loader(split, batch_size), f"evaluating {self.name}"):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast():
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
             preds += (logits.squeeze(-1) if self.head.regression else logits.argmax(-1)).tolist()
             labels += batch["labels"].tolist()
         model.train(was_training)
-        return preds, labels
+        dp = distributed.current()  # every rank's share: the whole split, in order
+        return dp.gather_shares(preds), dp.gather_shares(labels)
 
     def evaluate(self, model, split: str, batch_size: int = 64, device="cpu", autocast=None) -> dict:
         """The official metrics, and for classifiers the confusion matrix (rows: true labels) and whether every

@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowrank_bench import e2e_metrics, hub, progress
+from lowrank_bench import distributed, e2e_metrics, hub, progress
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError, choices
 from lowrank_bench.models import Head
@@ -377,23 +377,26 @@ class E2ETask(Task):
     @torch.no_grad()
     def generate_ids(self, model, prompts: list[list[int]], batch_size: int, device="cpu",
                      autocast=None) -> list[list[int]]:
-        """Beam search for every prompt, in left-padded batches of `batch_size`, through `model.generate`."""
+        """Beam search for every prompt, in left-padded batches of `batch_size`, through `model.generate`; under data
+        parallel each rank generates its share of the batches (distributed.eval_batches) and every rank returns all
+        the continuations, in the prompts' order."""
         self.check_positions(model, prompts)
         kwargs = self.decoding.generate_kwargs(self.end_id, self.pad_id)
         was_training = model.training
         model.eval()
         out: list[list[int]] = []
+        batches = distributed.eval_batches(len(prompts), batch_size)
         try:
-            with progress.bar(f"generating {self.name}", len(prompts)) as advance:
-                for start in range(0, len(prompts), batch_size):
-                    batch = self.left_padded(prompts[start:start + batch_size], device)
+            with progress.bar(f"generating {self.name}", sum(len(b) for b in batches)) as advance:
+                for rows in batches:
+                    batch = self.left_padded(prompts[rows.start:rows.stop], device)
                     with (autocast or nullcontext)():
                         generated = model.generate(**batch, **kwargs)
                     out += self.continuations(generated, batch["input_ids"].shape[1])
                     advance(len(batch["input_ids"]))
         finally:
             model.train(was_training)
-        return out
+        return distributed.current().gather_shares(out)
 
     def generate_texts(self, model, prompts: list[list[int]], batch_size: int, device="cpu",
                        autocast=None) -> list[str]:

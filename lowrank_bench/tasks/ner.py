@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from rich.text import Text
 
-from lowrank_bench import hub, progress
+from lowrank_bench import distributed, hub, progress
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError, choices
 from lowrank_bench.models import Head
@@ -408,8 +408,8 @@ class NerTask(Task):
         was_training = model.training
         model.eval()
         examples, gold, pred = self.splits[split], [], []
-        for first in progress.track(range(0, len(examples), batch_size), f"evaluating {self.name}"):
-            chunk = examples[first:first + batch_size]
+        for rows in progress.track(distributed.eval_batches(len(examples), batch_size), f"evaluating {self.name}"):
+            chunk = examples[rows.start:rows.stop]
             batch = {k: v.to(device) for k, v in self.collate(chunk).items() if k != "labels"}
             with autocast():
                 best = model(**batch).logits.argmax(-1).tolist()
@@ -417,7 +417,8 @@ class NerTask(Task):
                 gold.append(example["tags"])
                 pred.append([self.labels[row[p]] if p >= 0 else "O" for p in example["starts"]])
         model.train(was_training)
-        return gold, pred
+        dp = distributed.current()  # every rank's share: the whole split, in order
+        return dp.gather_shares(gold), dp.gather_shares(pred)
 
     def evaluate(self, model, split: str, batch_size: int = 64, device="cpu", autocast=None) -> dict:
         gold, pred = self.predict(model, split, batch_size, device, autocast or nullcontext)

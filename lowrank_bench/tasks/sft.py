@@ -75,7 +75,7 @@ from pathlib import Path
 import torch
 from rich.text import Text
 
-from lowrank_bench import hub, progress
+from lowrank_bench import distributed, hub, progress
 from lowrank_bench.console import console
 from lowrank_bench.errors import LrbenchError, choices
 from lowrank_bench.models import Head
@@ -530,8 +530,8 @@ class SftTask(Task):
         """Response-token cross-entropy, perplexity and next-token accuracy over the split."""
         was_training = model.training
         model.eval()
-        nll, correct, tokens = 0.0, 0, 0
-        for batch in progress.track(self.loader(split, self.cfg.eval_batch_size or batch_size),
+        sums = []  # per batch: (summed NLL, right next tokens, scored tokens)
+        for batch in progress.track(self.eval_loader(split, self.cfg.eval_batch_size or batch_size),
                                     f"evaluating {self.name}"):
             batch = {k: v.to(device) for k, v in batch.items()}
             with (autocast or nullcontext)():
@@ -540,10 +540,12 @@ class SftTask(Task):
             labels = batch["labels"][:, 1:]
             scored = labels != IGNORE
             chosen = logits[:, :-1][scored].float()  # only the labelled positions, then fp32
-            nll += torch.nn.functional.cross_entropy(chosen, labels[scored], reduction="sum").item()
-            correct += (chosen.argmax(-1) == labels[scored]).sum().item()
-            tokens += int(scored.sum())
+            sums.append((torch.nn.functional.cross_entropy(chosen, labels[scored], reduction="sum").item(),
+                         (chosen.argmax(-1) == labels[scored]).sum().item(), int(scored.sum())))
         model.train(was_training)
+        nll, correct, tokens = 0.0, 0, 0
+        for batch_nll, batch_correct, batch_tokens in distributed.current().gather_shares(sums):
+            nll, correct, tokens = nll + batch_nll, correct + batch_correct, tokens + batch_tokens  # in split order
         loss = nll / max(tokens, 1)
         return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(tokens, 1)}
 
