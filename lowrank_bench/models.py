@@ -56,7 +56,6 @@ KINDS = ("encoder", "decoder")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZATIONS = ("none", "nf4")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
-BNB_CPU_SINCE = "0.46"  # bitsandbytes' first release whose 4-bit kernels run on the CPU
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +153,12 @@ def base_precision(cfg: DictConfig, device_type: str = "cpu", half_on_auto: bool
 def check_bitsandbytes(device_type: str) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise LrbenchError("model.quantization=nf4 needs bitsandbytes, which is not installed: `pip install "
-                           "bitsandbytes` (a GPU; on the CPU bitsandbytes >= 0.46), or model.quantization=none")
-    version = package_version("bitsandbytes")
-    if device_type != "cuda" and not version_at_least(version, BNB_CPU_SINCE):
-        raise LrbenchError(f"model.quantization=nf4 on the CPU needs bitsandbytes >= {BNB_CPU_SINCE} (installed: "
-                           f"{version}); run on a GPU, upgrade bitsandbytes, or model.quantization=none")
+                           "bitsandbytes` on a CUDA machine, or model.quantization=none")
+    if device_type != "cuda":
+        # bitsandbytes 0.50's CPU backend builds and runs 4-bit layers, but its first evaluation repacks each layer
+        # for inference, after which no gradient flows back through it (a warning, then silently wrong training)
+        raise LrbenchError("model.quantization=nf4 trains on a CUDA GPU only (bitsandbytes' CPU kernels stop "
+                           "gradients after the first evaluation); use trainer.device=cuda or model.quantization=none")
 
 
 def check_flash_attention(device_type: str, dtype: str) -> None:
@@ -171,15 +171,6 @@ def check_flash_attention(device_type: str, dtype: str) -> None:
     if dtype == "fp32":
         raise LrbenchError(f"model.attn_implementation=flash_attention_2 needs a bf16 or fp16 base: set "
                            f"model.dtype=bf16, {fix}")
-
-
-def version_at_least(version: str, least: str) -> bool:
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return Version(version) >= Version(least)
-    except InvalidVersion:
-        return False
 
 
 def head_kind(head: Head) -> HeadKind:
