@@ -153,7 +153,7 @@ def base_precision(cfg: DictConfig, device_type: str = "cpu", half_on_auto: bool
 def check_bitsandbytes(device_type: str) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise LrbenchError("model.quantization=nf4 needs bitsandbytes, which is not installed: `pip install "
-                           "bitsandbytes` on a CUDA machine, or model.quantization=none")
+                           "'lowrank_bench[qlora]'` on a CUDA machine, or model.quantization=none")
     if device_type != "cuda":
         # bitsandbytes 0.50's CPU backend builds and runs 4-bit layers, but its first evaluation repacks each layer
         # for inference, after which no gradient flows back through it (a warning, then silently wrong training)

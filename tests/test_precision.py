@@ -210,7 +210,7 @@ def test_nf4_without_bitsandbytes_is_one_line_and_exit_2_before_anything_loads(t
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.quantization=nf4 needs bitsandbytes, which is not installed" in lines[0]
-    assert "pip install bitsandbytes" in lines[0] and "step" not in done.stdout
+    assert "pip install 'lowrank_bench[qlora]'" in lines[0] and "step" not in done.stdout
 
 
 @pytest.mark.skipif(not has_bitsandbytes, reason="bitsandbytes present: its CPU refusal is the one to test")
@@ -229,7 +229,7 @@ def train_mode_logits(model) -> torch.Tensor:
     return model.train()(input_ids=IDS, attention_mask=MASK).logits
 
 
-@pytest.mark.skipif(not has_bitsandbytes, reason="bitsandbytes not installed (optional: pip install bitsandbytes)")
+@pytest.mark.skipif(not has_bitsandbytes, reason="bitsandbytes not installed (optional: pip install 'lowrank_bench[qlora]')")
 @pytest.mark.parametrize("name", ["lora", "dora"])
 def test_nf4_base_holds_4bit_layers_that_lora_and_dora_train_on(name):
     """Built here on the CPU (load_model, not a run: a run refuses nf4 off a GPU) in training mode throughout."""
