@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 
@@ -31,6 +32,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_log_handlers():
+    """A Hydra job run in process (the bad-input tables, the CLI tests) configures the root logger: a console handler
+    bound to that test's captured output and the run's train.log. Left there, a later test's log line goes to a closed
+    stream or a deleted folder and prints `--- Logging error ---` into that test's stderr."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -158,7 +158,8 @@ def test_a_repository_above_the_package_is_not_the_package_s(tmp_path, monkeypat
 def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
     from lowrank_bench.evaluations.multiple_choice import MultipleChoiceEval, lm_eval_model
 
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ModuleNotFoundError
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import lm_eval (or a submodule an earlier test imported) fails
     with pytest.raises(LrbenchError) as err:  # the guard is the method's first line: no evaluation needed to reach it
         MultipleChoiceEval.lm_eval_predictions(None, None, None, None)
     assert str(err.value) == ("eval.backend=lm_eval needs lm_eval, which is not installed: "
