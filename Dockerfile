@@ -40,7 +40,7 @@ COPY lowrank_bench /tmp/lrbench/lowrank_bench
 ARG WITH_DEMO=0
 ARG LRBENCH_VERSION=0+unknown
 RUN grep -v '^torch==' /tmp/lrbench/constraints.txt > /tmp/constraints.txt \
- && extras=e2e,mc,wandb,slurm && if [ "$WITH_DEMO" = 1 ]; then extras="$extras,demo"; fi \
+ && extras=e2e,mc,wandb,slurm,qlora && if [ "$WITH_DEMO" = 1 ]; then extras="$extras,demo"; fi \
  && SETUPTOOLS_SCM_PRETEND_VERSION_FOR_LOWRANK_BENCH="$LRBENCH_VERSION" \
     pip install -c /tmp/constraints.txt "/tmp/lrbench[$extras]" \
  && rm -rf /tmp/lrbench

@@ -104,7 +104,7 @@ def test_demo_only_packages_are_installed_only_when_asked_for():
 def test_the_image_s_extras_are_every_extra_but_the_demo():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
-    assert extras - {"all", "dev", "demo"} == {"e2e", "mc", "wandb", "slurm"}
+    assert extras - {"all", "dev", "demo"} == {"e2e", "mc", "wandb", "slurm", "qlora"}
 
 
 def test_the_commit_and_version_are_build_arguments_that_reach_what_provenance_reads():
