@@ -97,7 +97,7 @@ def test_demo_only_packages_are_installed_only_when_asked_for():
         assert installs and all(r.startswith('if [ "$WITH_DEMO" = 1 ]') for r in installs), package
     assert ("ARG", "WITH_DEMO=0") in instructions()
     package_install = next(r for r in runs if "/tmp/lrbench[$extras]" in r)
-    assert 'extras=e2e,mc,wandb,slurm && if [ "$WITH_DEMO" = 1 ]; then extras="$extras,demo"; fi' in package_install
+    assert 'extras=e2e,mc,wandb,slurm,qlora && if [ "$WITH_DEMO" = 1 ]; then extras="$extras,demo"; fi' in package_install
     assert " -e " not in package_install  # installed as a wheel is, not an editable source tree
 
 
