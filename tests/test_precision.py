@@ -213,8 +213,10 @@ def test_nf4_without_bitsandbytes_is_one_line_and_exit_2_before_anything_loads(t
     assert "pip install 'lowrank_bench[qlora]'" in lines[0] and "step" not in done.stdout
 
 
-@pytest.mark.skipif(not has_bitsandbytes, reason="bitsandbytes present: its CPU refusal is the one to test")
-def test_nf4_on_the_cpu_is_refused_in_one_line():
+def test_nf4_on_the_cpu_is_refused_in_one_line(monkeypatch):
+    find_spec = importlib.util.find_spec  # bitsandbytes as if installed: the refusal that follows is the device's
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes"
+                        else find_spec(name, *a))
     cfg = OmegaConf.merge(model_cfg("tiny-roberta"), {"quantization": "nf4"})
     with pytest.raises(LrbenchError, match=r"^model.quantization=nf4 trains on a CUDA GPU only .*trainer.device=cuda"):
         base_precision(cfg, "cpu")
