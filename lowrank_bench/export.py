@@ -47,7 +47,7 @@ from torch import nn
 from lowrank_bench import assembly, curriculum
 from lowrank_bench.assembly import Setup
 from lowrank_bench.errors import LrbenchError
-from lowrank_bench.models import head_kind
+from lowrank_bench.models import DTYPES, head_kind
 
 FORMATS = ("peft", "merged")
 #: our methods that are peft's LoRA / DoRA at inference
@@ -55,7 +55,6 @@ AS_PEFT_LORA = {"lora": False, "dora": True, "bidora": True}  # method -> use_do
 #: peft initialisations that leave a residual in the base weights: the adapter alone does not reproduce the run
 RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
 PEFT_PREFIX = "base_model.model."  # what peft puts before a module's name in its saved state dicts
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: the largest |exported logits - run's logits| accepted, in units of max(1, max |run's logits|), by the coarser of
 #: the export's and the run's precision. fp32: the rounding of a merge. bf16 and fp16: every weight rounded once,
 #: then computed in that precision, through every layer. Observed (lrbench-export on the 2-core CPU): fp32 <= 6e-6;
